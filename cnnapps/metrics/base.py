@@ -1,0 +1,24 @@
+"""The metric protocol every task's metrics follow."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class Metric:
+    """Accumulates over batches. ``compute()`` returns a flat ``{name: float}`` dict (JSON-ready).
+
+    Subclasses may also implement ``artifacts() -> dict`` (arrays such as a confusion matrix) that a task's
+    ``report`` turns into plots, and ``state()`` / ``merge(state)`` so distributed evaluation can gather.
+    """
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def update(self, output: Any, batch: Any) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def artifacts(self) -> dict[str, Any]:
+        return {}
