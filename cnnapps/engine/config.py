@@ -48,7 +48,8 @@ class TrainConfig:
     deterministic: bool = True  # repeatable CPU runs (resume equals an uninterrupted run)
     eval_every: int = 1  # epochs between validation passes
     init_checkpoint: str = ""  # start from these weights (transfer learning)
-    freeze_stages: int = 0  # freeze the stem and the first N stages of the backbone; -1: all but the head
+    freeze_stages: int = 0  # freeze the first N feature stages of the backbone (stem included); -1: all but the head
+    reset_head: bool = True  # with init_checkpoint: leave the head freshly initialised (new classes)
     backbone_lr_mult: float = 1.0  # learning rate of pretrained backbone parameters relative to lr
     sync_bn: bool = False  # SyncBatchNorm under torch.distributed
 
@@ -84,6 +85,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is Any:
         return value
+    if origin is dict or tp is dict:
+        # Free-form tables (e.g. backbone keyword arguments): TOML values as they are; --set strings parsed
+        # as TOML literals ("8" -> 8, "true" -> True, "[1, 2]" -> [1, 2]), else kept as text.
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {k: _literal(v) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -123,6 +130,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
 
 
+def _literal(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -139,6 +155,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
 
 
 def _merge(base: dict, update: dict) -> dict:
+    """Recursive dict update (tables merge key by key, other values replace)."""
     out = dict(base)
     for k, v in update.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v

@@ -1,0 +1,122 @@
+"""Checkpoints: written atomically (temp file, fsync, rename) and read back with ``weights_only=True``."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMAT = "cnnapps-checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, corrupt, from another task, or does not fit the model."""
+
+
+def to_safe(obj: Any) -> Any:
+    """Convert NumPy values into tensors and Python scalars so ``torch.load(weights_only=True)`` accepts them."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: to_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_safe(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_safe(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``payload`` to ``path`` so that a crash at any moment leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, **to_safe(payload)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a power cut
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
+    """Read a cnnapps checkpoint safely (no arbitrary unpickling). Raises CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cnnapps checkpoint (no '{FORMAT}' marker)")
+    if task is not None and payload.get("task") != task:
+        raise CheckpointError(f"{path}: written by task {payload.get('task')!r}, not {task!r}")
+    return payload
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Load a full state dict into ``model``; a missing, unexpected or mis-shaped tensor is a CheckpointError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source}: the checkpoint does not fit this model"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:8])}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            lines.append("  shape mismatch: " + "; ".join(shapes[:8]))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state)
+
+
+def load_matching_weights(model: nn.Module, path: str | os.PathLike,
+                          skip_names: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Transfer learning: copy every tensor of a cnnapps checkpoint or a raw ``state_dict`` file (torchvision
+    weights) whose name and shape match ``model``, except ``skip_names``. Returns (loaded, skipped) names."""
+    path = Path(path)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"{path}: not a readable weights file: {exc}") from None
+    state = raw.get("model", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: holds no state_dict of tensors")
+    own = model.state_dict()
+    # Task models hold the zoo network as `.backbone`; accept files saved from a bare backbone too.
+    if not (set(state) & set(own)) and any(k.startswith("backbone.") for k in own):
+        state = {f"backbone.{k}": v for k, v in state.items()}
+    loaded, skipped = [], []
+    for k, v in state.items():
+        if k in own and own[k].shape == v.shape and k not in skip_names:
+            own[k] = v
+            loaded.append(k)
+        else:
+            skipped.append(k)
+    if not loaded:
+        raise CheckpointError(f"{path}: no tensor matches this model by name and shape")
+    model.load_state_dict(own)
+    return loaded, skipped

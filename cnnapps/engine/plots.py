@@ -1,0 +1,65 @@
+"""Plots the engine draws for every run: training curves from metrics.jsonl, and a confusion-matrix helper."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_curves(metrics_jsonl: Path, out_png: Path, monitor: str) -> Path | None:
+    """Loss (train and val), the monitored metric and the learning rate per epoch; None if nothing logged."""
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r.get("train_loss") for r in rows], marker="o", label="train")
+    if any("val_loss" in r for r in rows):
+        axes[0].plot([r["epoch"] for r in rows if "val_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r],
+                     marker="o", label="val")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    key = f"val_{monitor}"
+    pts = [(r["epoch"], r[key]) for r in rows if key in r]
+    if pts:
+        axes[1].plot(*zip(*pts), marker="o", color="tab:green")
+    axes[1].set_title(key)
+    axes[2].plot(epochs, [r.get("lr") for r in rows], marker="o", color="tab:orange")
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], out_png: Path, title: str = "") -> Path:
+    """A confusion matrix (rows: true, columns: predicted), counts annotated, rows coloured by recall."""
+    matrix = np.asarray(matrix)
+    n = len(class_names)
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels=class_names, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center")
+    ax.set_yticks(range(n), labels=class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,54 @@
+"""Facts recorded beside every result: machine, commit, time, library versions."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_commit() -> str:
+    """Short hash of HEAD, with ``+dirty`` when tracked files differ from it; ``unknown`` outside a checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device | str = "cpu") -> str:
+    """E.g. ``cpu: Intel Xeon ... (2 cores, 2 torch threads)`` or ``cuda: NVIDIA H100 ...``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def run_facts(device: torch.device | str = "cpu") -> dict[str, str]:
+    """Machine, commit, UTC time and versions, for results files."""
+    return {"machine": machine_description(device), "device": str(device), "commit": git_commit(),
+            "time_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def config_path(task: str, name: str) -> Path:
+    """``tasks/<task>/<name>`` in the checkout this package runs from."""
+    return REPO_ROOT / "tasks" / task / name

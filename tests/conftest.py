@@ -1,0 +1,32 @@
+"""Shared fixtures: the real data root ($CNNAPPS_DATA, else ../shared/data) and a small thread budget."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path | None:
+    env = os.environ.get("CNNAPPS_DATA")
+    root = Path(env) if env else REPO.parent / "shared" / "data"
+    return root if root.is_dir() else None
+
+
+DATA_ROOT = _data_root()
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real data sets; tests needing them skip (with the reason) only where the folder is absent."""
+    if DATA_ROOT is None:
+        pytest.skip("no data folder: set CNNAPPS_DATA (this project keeps it in ../shared/data)")
+    return DATA_ROOT
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads() -> None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
