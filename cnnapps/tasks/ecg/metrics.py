@@ -1,0 +1,218 @@
+"""ECG metrics: PhysioNet/CinC 2017 challenge F1, sequence- and set-level F1 (Hannun et al. 2019) and AAMI beat
+sensitivity / positive predictive value, from per-step logits of windows put back together per record."""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, f1_score
+
+from cnnapps.metrics.base import Metric
+from cnnapps.tasks.ecg.data import IGNORE, n_steps, n_valid_steps
+from cnnapps.tasks.ecg.prepare import STEP
+
+log = logging.getLogger(__name__)
+
+
+def metric_key(name: str) -> str:
+    """A class name as it appears in metric keys: ``~`` -> ``noise``, other odd characters -> ``_``."""
+    return "noise" if name == "~" else re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_") or "class"
+
+
+class ECGMetrics(Metric):
+    """Accumulates per-step probabilities by (record, window offset) and scores them.
+
+    ``update(output, batch)``: output = logits (batch, classes, steps); batch = the collated dict with ``y``
+    (batch, steps), ``record``, ``offset`` and ``length`` (batch,). Windows of one record (and repeated windows,
+    as DistributedSampler pads) are assembled by offset, so a record counts once however it was tiled.
+
+    ``target``: ``record`` (CinC 2017: one label per record, ``challenge_f1`` = mean F1 of N, A, O with the record
+    label taken from the mean probability over its valid steps; ``challenge_f1_majority`` from a majority vote of
+    step predictions), ``rhythm`` or ``beats``. Every target reports ``seq_f1`` (F1 over labelled steps, per class
+    then averaged weighted by class frequency, as Hannun et al.), ``set_f1`` (per record, the set of classes
+    predicted vs present over its labelled steps; per-class F1 over records, frequency-weighted) and
+    ``seq_f1_<class>``. ``beats`` adds, for every annotated beat (from ``beat_lookup(record) -> int (n, 2)
+    [sample, AAMI class]``), the prediction of the step holding its R-peak: ``se_<C>``, ``ppv_<C>`` (left out
+    when their denominator is zero) and ``beat_accuracy``.
+    """
+
+    def __init__(self, classes: Sequence[str], target: str = "record", step: int = STEP,
+                 beat_lookup: Callable[[int], np.ndarray] | None = None) -> None:
+        if target not in ("record", "rhythm", "beats"):
+            raise ValueError(f"unknown ECG target {target!r} (record, rhythm, beats)")
+        if target == "beats" and beat_lookup is None:
+            raise ValueError("the beats target needs beat_lookup to score annotated beats")
+        self.classes = list(classes)
+        self.target, self.step, self.beat_lookup = target, step, beat_lookup
+        self.reset()
+
+    # ---- accumulation
+    def reset(self) -> None:
+        self._windows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int]] = {}
+
+    def update(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        probs = torch.softmax(output.detach().float(), dim=1).cpu().numpy()
+        y = batch["y"].detach().cpu().numpy()
+        records = batch["record"].detach().cpu().numpy()
+        offsets = batch["offset"].detach().cpu().numpy()
+        lengths = batch["length"].detach().cpu().numpy()
+        for b in range(probs.shape[0]):
+            k = min(n_steps(int(lengths[b]), self.step), probs.shape[2], y.shape[1])
+            self._windows[(int(records[b]), int(offsets[b]))] = (
+                probs[b, :, :k].T.copy(), y[b, :k].copy(), int(lengths[b]))
+
+    def state(self) -> dict:
+        return {"windows": self._windows}
+
+    def merge(self, state: dict) -> None:
+        self._windows.update(state["windows"])
+
+    # ---- assembling records
+    def _records(self) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """record -> (probs (steps, classes), labels (steps,), valid (steps,) bool), windows in offset order."""
+        by_record: dict[int, list] = {}
+        for (record, offset), window in self._windows.items():
+            by_record.setdefault(record, []).append((offset, window))
+        out = {}
+        for record, windows in by_record.items():
+            windows.sort(key=lambda w: w[0])
+            probs = np.concatenate([w[1][0] for w in windows])
+            labels = np.concatenate([w[1][1] for w in windows])
+            valid = np.concatenate([np.arange(len(w[1][1])) < n_valid_steps(w[1][2], self.step) for w in windows])
+            out[record] = (probs, labels, valid)
+        return out
+
+    # ---- scores
+    def compute(self) -> dict[str, float]:
+        records = self._records()
+        values: dict[str, float] = {}
+        k = len(self.classes)
+        labels = list(range(k))
+        true = np.concatenate([r[1] for r in records.values()]) if records else np.zeros(0, np.int64)
+        pred = np.concatenate([r[0].argmax(1) for r in records.values()]) if records else np.zeros(0, np.int64)
+        keep = true != IGNORE
+        true, pred = true[keep], pred[keep]
+        if len(true) == 0:
+            log.warning("ECG metrics: no labelled steps to score")
+        values["seq_f1"] = float(f1_score(true, pred, labels=labels, average="weighted", zero_division=0)) \
+            if len(true) else 0.0
+        per_class = f1_score(true, pred, labels=labels, average=None, zero_division=0) if len(true) \
+            else np.zeros(k)
+        for name, f in zip(self.classes, per_class):
+            values[f"seq_f1_{metric_key(name)}"] = float(f)
+        values["seq_accuracy"] = float((true == pred).mean()) if len(true) else 0.0
+        values["set_f1"] = self._set_f1(records)
+        if self.target == "record":
+            values.update(self._record_scores(records))
+        else:
+            values["accuracy"] = values["seq_accuracy"]
+        if self.target == "beats":
+            values.update(self._beat_scores(records))
+        return values
+
+    def _set_f1(self, records: dict) -> float:
+        k = len(self.classes)
+        rows_true, rows_pred = [], []
+        for probs, labels, _ in records.values():
+            lab = labels != IGNORE
+            if not lab.any():
+                continue
+            t, p = np.zeros(k, bool), np.zeros(k, bool)
+            t[labels[lab]] = True
+            p[probs[lab].argmax(1)] = True
+            rows_true.append(t)
+            rows_pred.append(p)
+        if not rows_true:
+            return 0.0
+        return float(f1_score(np.array(rows_true), np.array(rows_pred), average="weighted", zero_division=0))
+
+    def _record_level(self, records: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """(true, by mean probability, by majority vote, record ids) over records with a label."""
+        true, mean_pred, vote_pred, ids = [], [], [], []
+        k = len(self.classes)
+        for record, (probs, labels, valid) in sorted(records.items()):
+            lab = labels[labels != IGNORE]
+            if not len(lab) or not valid.any():
+                continue
+            true.append(int(np.bincount(lab, minlength=k).argmax()))
+            mean_pred.append(int(probs[valid].mean(0).argmax()))
+            # ties go to the class with the larger mean probability, not the lower index
+            votes = np.bincount(probs[valid].argmax(1), minlength=k).astype(np.float64)
+            vote_pred.append(int((votes + 1e-6 * probs[valid].mean(0)).argmax()))
+            ids.append(record)
+        return np.array(true, np.int64), np.array(mean_pred, np.int64), np.array(vote_pred, np.int64), ids
+
+    def _record_scores(self, records: dict) -> dict[str, float]:
+        true, mean_pred, vote_pred, _ = self._record_level(records)
+        labels = list(range(len(self.classes)))
+        out: dict[str, float] = {}
+        if not len(true):
+            return {"challenge_f1": 0.0, "challenge_f1_majority": 0.0, "accuracy": 0.0}
+        f1 = f1_score(true, mean_pred, labels=labels, average=None, zero_division=0)
+        f1_vote = f1_score(true, vote_pred, labels=labels, average=None, zero_division=0)
+        scored = [i for i, c in enumerate(self.classes) if c in ("N", "A", "O")] or labels[:3]
+        out["challenge_f1"] = float(np.mean(f1[scored]))
+        out["challenge_f1_majority"] = float(np.mean(f1_vote[scored]))
+        for name, f in zip(self.classes, f1):
+            out[f"f1_{metric_key(name)}"] = float(f)
+        out["accuracy"] = float((true == mean_pred).mean())
+        return out
+
+    def _beats(self, records: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(true AAMI class, predicted class) of every annotated beat inside an evaluated step."""
+        true, pred = [], []
+        for record, (probs, _, _) in sorted(records.items()):
+            beats = np.asarray(self.beat_lookup(record))
+            if not len(beats):
+                continue
+            steps = beats[:, 0] // self.step
+            inside = steps < len(probs)
+            true.append(beats[inside, 1])
+            pred.append(probs[steps[inside]].argmax(1))
+        if not true:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(true).astype(np.int64), np.concatenate(pred).astype(np.int64)
+
+    def _beat_scores(self, records: dict) -> dict[str, float]:
+        true, pred = self._beats(records)
+        out: dict[str, float] = {"beat_accuracy": float((true == pred).mean()) if len(true) else 0.0}
+        cm = confusion_matrix(true, pred, labels=list(range(len(self.classes)))) if len(true) \
+            else np.zeros((len(self.classes),) * 2, np.int64)
+        for i, name in enumerate(self.classes):
+            tp, support, predicted = cm[i, i], cm[i].sum(), cm[:, i].sum()
+            if support:
+                out[f"se_{metric_key(name)}"] = float(tp / support)
+            if predicted:
+                out[f"ppv_{metric_key(name)}"] = float(tp / predicted)
+        return out
+
+    # ---- for plots
+    def artifacts(self) -> dict[str, Any]:
+        """Confusion matrices (numpy, rows = truth), class names, and per-record step predictions.
+
+        ``confusion``: records for the ``record`` target, steps otherwise; ``seq_confusion``: steps;
+        ``beat_confusion`` (beats): annotated beats; ``record_steps``: {record: predicted class per step};
+        ``record_probabilities``: {record: mean probability over valid steps (classes,)}.
+        """
+        records = self._records()
+        k = len(self.classes)
+        labels = list(range(k))
+        true = np.concatenate([r[1] for r in records.values()]) if records else np.zeros(0, np.int64)
+        pred = np.concatenate([r[0].argmax(1) for r in records.values()]) if records else np.zeros(0, np.int64)
+        keep = true != IGNORE
+        seq_cm = confusion_matrix(true[keep], pred[keep], labels=labels) if keep.any() else np.zeros((k, k), int)
+        out: dict[str, Any] = {"classes": list(self.classes), "seq_confusion": seq_cm, "confusion": seq_cm,
+                               "record_steps": {r: v[0].argmax(1) for r, v in records.items()},
+                               "record_probabilities": {r: v[0][v[2]].mean(0) if v[2].any() else v[0].mean(0)
+                                                        for r, v in records.items()}}
+        if self.target == "record":
+            rt, rp, _, _ = self._record_level(records)
+            out["confusion"] = confusion_matrix(rt, rp, labels=labels) if len(rt) else np.zeros((k, k), int)
+        if self.target == "beats":
+            bt, bp = self._beats(records)
+            out["beat_confusion"] = confusion_matrix(bt, bp, labels=labels) if len(bt) else np.zeros((k, k), int)
+        return out
