@@ -130,25 +130,26 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _stage_boundary(model: nn.Module, n_stages: int) -> tuple[list[str], list[str]]:
-    """Split parameter names into (body, head): body = everything registered up to the end of the backbone's
-    first ``n_stages`` feature stages (all stages when n_stages < 0). A task model holds its zoo network as
-    ``.backbone``; anything outside it is head."""
+    """Split parameter names into (body, head): body = the parameters of every module registered up to the end
+    of the backbone's first ``n_stages`` feature stages (all stages when n_stages < 0), stem included. A task
+    model holds its zoo network as ``.backbone``; anything outside the backbone counts as head."""
     backbone = getattr(model, "backbone", model)
     prefix = "backbone." if backbone is not model else ""
     info = getattr(backbone, "feature_info", None)
-    names = [n for n, _ in model.named_parameters()]
     if info is None:
-        raise ConfigError("freeze_stages / backbone_lr_mult need a model with feature_info")
+        raise ConfigError("freeze_stages / backbone_lr_mult need a backbone with feature_info")
+    names = [n for n, _ in model.named_parameters()]
     n = len(info) if n_stages < 0 else min(n_stages, len(info))
-    inside = [i for i, name in enumerate(names) if name.startswith(prefix)]
-    if n == 0 or not inside:
+    if n == 0:
         return [], names
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # registration (pre-)order
     stage = prefix + info.module_name(n - 1)
-    last = max((i for i, name in enumerate(names) if name == stage or name.startswith(stage + ".")), default=None)
-    if last is None:  # a stage without parameters of its own (an activation): nearest earlier parameter
-        last = max((i for i, name in enumerate(names) if name < stage), default=inside[0] - 1)
-    body = [name for i, name in enumerate(names) if i <= last and name.startswith(prefix)]
-    return body, [name for name in names if name not in set(body)]
+    if stage not in order:
+        raise ConfigError(f"feature stage module {stage!r} not found in the model")
+    end = max(i for name, i in order.items() if name == stage or name.startswith(stage + "."))
+    body = [p for p in names if p.startswith(prefix) and order[p.rsplit(".", 1)[0]] <= end]
+    body_set = set(body)
+    return body, [p for p in names if p not in body_set]
 
 
 # ---------------------------------------------------------------- the trainer

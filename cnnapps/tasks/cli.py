@@ -82,10 +82,18 @@ def cmd_train(task: Task, args: argparse.Namespace) -> int:
     return 0
 
 
+PER_CLASS_PREFIXES = ("precision_", "recall_", "f1_", "se_", "ppv_", "ap_", "iou_")
+
+
 def _print_metrics(metrics: dict, title: str) -> None:
+    """Headline numbers; per-class ones too when there are few (all of them are in metrics.json)."""
+    shown = metrics if len(metrics) <= 16 else {k: v for k, v in metrics.items()
+                                                 if not k.startswith(PER_CLASS_PREFIXES)}
     print(f"{title} metrics:")
-    for k, v in metrics.items():
+    for k, v in shown.items():
         print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+    if len(shown) < len(metrics):
+        print(f"  ({len(metrics) - len(shown)} per-class values in metrics.json)")
 
 
 def cmd_evaluate(task: Task, args: argparse.Namespace) -> int:

@@ -192,7 +192,7 @@ def load_folder(path: Path, size: int, seed: int, test_fraction: float = 0.2,
 
 def to_float_chw(images: np.ndarray | torch.Tensor, in_chans: int) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float (N, in_chans, H, W) in [0, 1]; grey repeats to RGB, RGB averages to grey."""
-    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[1] == in_chans:
         return x
     if x.shape[1] == 1:
