@@ -1,0 +1,262 @@
+"""Audio task: configs, model building for 2D and 1D backbones, the step (with mixup), predict on bad, odd and very
+long files, and a smoke fit through the engine with a checkpoint round trip."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from cnnapps.data.root import DataNotFoundError, find_data_root
+from cnnapps.engine.config import ConfigError, load_config
+from cnnapps.tasks.audio.task import AudioConfig, AudioModel, AudioTask
+from cnnapps.tasks.base import DataSplits
+
+CONFIGS = Path(__file__).resolve().parents[1] / "tasks" / "audio"
+
+
+def _data_root() -> Path | None:
+    try:
+        root = find_data_root()
+    except DataNotFoundError:
+        return None
+    return root if (root / "fsdd" / "recordings").is_dir() else None
+
+
+DATA = _data_root()
+needs_fsdd = pytest.mark.skipif(DATA is None, reason="FSDD not found: set CNNAPPS_DATA to the shared data folder")
+
+
+@pytest.fixture(autouse=True)
+def _threads_and_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CNNAPPS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared
+    yield
+    torch.set_num_threads(old)
+
+
+def _state(classes: int = 10, sample_rate: int = 8000, clip: int = 8000) -> dict:
+    return {"classes": [str(i) for i in range(classes)], "sample_rate": sample_rate, "clip_samples": clip,
+            "norm_mean": [-40.0] * 64, "norm_std": [20.0] * 64}
+
+
+def _model(cfg: AudioConfig | None = None, state: dict | None = None) -> AudioModel:
+    cfg = cfg or AudioConfig()
+    return AudioTask().build_model(cfg, DataSplits(None, None, None, state=state or _state())).eval()
+
+
+# ---------------------------------------------------------------- configs and model
+
+
+def test_defaults_equal_fsdd_toml():
+    assert load_config(AudioConfig, CONFIGS / "fsdd.toml") == AudioConfig()
+
+
+@pytest.mark.parametrize("name", ["fsdd.toml", "fsdd_speaker.toml", "ci.toml"])
+def test_shipped_configs_load(name: str):
+    cfg = load_config(AudioConfig, CONFIGS / name)
+    assert cfg.data.dataset == "fsdd"
+
+
+def test_speaker_config_holds_out_a_speaker():
+    cfg = load_config(AudioConfig, CONFIGS / "fsdd_speaker.toml")
+    assert cfg.data.split == "speaker" and cfg.data.test_speakers
+
+
+def test_model_on_spectrograms_and_on_waveforms():
+    x = torch.randn(2, 8000) * 0.1
+    assert _model()(x).shape == (2, 10)
+    cfg = load_config(AudioConfig, None, ["model.input=waveform", "model.backbone=resnet18_1d"])
+    m1 = _model(cfg, {**_state(), "norm_mean": [], "norm_std": []})
+    assert m1(x).shape == (2, 10)
+    assert m1.frontend(x).shape == (2, 1, 8000)
+
+
+def test_backbone_dimension_must_fit_the_input():
+    cfg = load_config(AudioConfig, None, ["model.backbone=resnet18_1d"])
+    with pytest.raises(ConfigError, match="1D.*spectrogram"):
+        _model(cfg)
+
+
+def test_unknown_options_are_config_errors():
+    with pytest.raises(ConfigError, match="model.input"):
+        _model(load_config(AudioConfig, None, ["model.input=image"]))
+    with pytest.raises(ConfigError, match="data.dataset"):
+        AudioTask().build_data(load_config(AudioConfig, None, ["data.dataset=nope"]), Path("."))
+
+
+def test_step_returns_loss_and_logits_and_mixes_up_in_training():
+    cfg = load_config(AudioConfig, None, ["model.mixup_alpha=0.4", "model.gain_db=0", "model.noise_prob=0",
+                                          "model.freq_mask=0", "model.time_mask=0"])
+    model, task = _model(cfg), AudioTask()
+    batch = {"wave": torch.randn(6, 8000) * 0.1, "y": torch.tensor([0, 1, 2, 3, 4, 5])}
+    with torch.no_grad():
+        out = task.step(model, batch, cfg)  # eval: plain cross-entropy, no mixup
+        assert out["output"].shape == (6, 10)
+        torch.testing.assert_close(out["loss"], F.cross_entropy(out["output"], batch["y"],
+                                                                label_smoothing=cfg.train.label_smoothing))
+        model.train()
+        np.random.seed(3)
+        torch.manual_seed(3)
+        mixed = task.step(model, batch, cfg)
+        np.random.seed(3)
+        lam = np.random.beta(0.4, 0.4)
+        torch.manual_seed(3)
+        perm = torch.randperm(6)
+        logits = model(lam * batch["wave"] + (1 - lam) * batch["wave"][perm])
+        ls = cfg.train.label_smoothing
+        expect = lam * F.cross_entropy(logits, batch["y"], label_smoothing=ls) + \
+            (1 - lam) * F.cross_entropy(logits, batch["y"][perm], label_smoothing=ls)
+        torch.testing.assert_close(mixed["loss"], expect)
+
+
+# ---------------------------------------------------------------- predict
+
+
+def _predict(model: AudioModel, paths: list[Path], state: dict | None = None, **kw) -> list[dict]:
+    return list(AudioTask().predict(model, [str(p) for p in paths], state or _state(), AudioConfig(),
+                                    torch.device("cpu"), **kw))
+
+
+def test_predict_bad_files_report_errors_and_the_rest_go_on(tmp_path: Path):
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF$\x00\x00\x00WAVEfmt " + os.urandom(64))
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros((0, 1), dtype=np.float32), 8000)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(6000, dtype=np.int16), 8000, subtype="PCM_16")
+    stereo = tmp_path / "stereo44k.wav"
+    t = np.arange(44100) / 44100
+    sf.write(stereo, np.stack([np.sin(2 * np.pi * 300 * t), 0.5 * np.sin(2 * np.pi * 600 * t)], 1) * 0.3, 44100)
+    missing = tmp_path / "missing.wav"
+    rows = _predict(_model(), [corrupt, empty, silent, stereo, missing])
+    assert [r["file"] for r in rows] == [str(p) for p in (corrupt, empty, silent, stereo, missing)]
+    assert "corrupt.wav" in rows[0]["error"] and "label" not in rows[0]
+    assert "empty.wav: empty audio" in rows[1]["error"]
+    assert "error" not in rows[2] and "silent" in rows[2]["warning"]
+    assert "error" not in rows[3] and rows[3]["clips"] == 1 and rows[3]["seconds"] == 1.0
+    assert "missing.wav: no such file" in rows[4]["error"]
+    for r in rows[2:4]:
+        assert r["label"] in _state()["classes"] and 0 < r["probability"] <= 1
+        assert r["top"][0] == [r["label"], r["probability"]] and len(r["top"]) == 3
+        json.dumps(r)
+
+
+def test_predict_ten_minute_file_in_bounded_batches_and_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    sr, minutes, bound = 8000, 10, 16
+    rng = np.random.default_rng(0)
+    path = tmp_path / "long.wav"
+    with sf.SoundFile(path, "w", samplerate=sr, channels=1, subtype="PCM_16") as f:
+        for _ in range(minutes):
+            f.write((rng.standard_normal(60 * sr) * 0.1).astype(np.float32))
+    model = _model()
+    batch_sizes: list[int] = []
+    forward = model.forward
+
+    def spy(wave: torch.Tensor) -> torch.Tensor:
+        batch_sizes.append(wave.shape[0])
+        return forward(wave)
+
+    monkeypatch.setattr(model, "forward", spy)
+    reads: list[int] = []
+    read = sf.SoundFile.read
+
+    def read_spy(self, frames=-1, *a, **k):
+        reads.append(frames)
+        return read(self, frames, *a, **k)
+
+    monkeypatch.setattr(sf.SoundFile, "read", read_spy)
+    (row,) = _predict(model, [path], batch_size=bound)
+    assert row["clips"] == minutes * 60 and row["seconds"] == minutes * 60.0
+    assert sum(batch_sizes) == minutes * 60
+    assert max(batch_sizes) <= bound and len(batch_sizes) >= minutes * 60 // bound
+    assert reads and all(0 < n <= bound * 8000 for n in reads)  # never the whole file at once
+    assert abs(sum(p for _, p in row["top"]) - 1) < 1 or len(row["top"]) < 10
+
+
+def test_predict_windows_cover_a_file_that_is_not_a_multiple_of_the_clip(tmp_path: Path):
+    path = tmp_path / "two_and_a_half.wav"
+    sf.write(path, (np.random.default_rng(1).standard_normal(20000) * 0.1).astype(np.float32), 8000)
+    (row,) = _predict(_model(), [path], batch_size=2)
+    assert row["clips"] == 3  # [0, 1) s, [1, 2) s and the end-aligned [1.5, 2.5) s
+
+
+def test_predict_probabilities_are_the_mean_over_windows(tmp_path: Path):
+    rng = np.random.default_rng(2)
+    a, b = (rng.standard_normal(8000) * 0.1).astype(np.float32), (rng.standard_normal(8000) * 0.3).astype(np.float32)
+    sf.write(tmp_path / "ab.wav", np.concatenate([a, b]), 8000, subtype="FLOAT")
+    model = _model()
+    (row,) = _predict(model, [tmp_path / "ab.wav"], top_k=10)
+    with torch.no_grad():
+        expect = model(torch.from_numpy(np.stack([a, b]))).softmax(1).mean(0)
+    got = torch.zeros(10)
+    for label, p in row["top"]:
+        got[int(label)] = p
+    torch.testing.assert_close(got, expect, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- with real data and the engine
+
+
+@needs_fsdd
+def test_build_data_usual_split_state_and_batches():
+    cfg = load_config(AudioConfig, CONFIGS / "ci.toml", ["data.max_per_class=6"])
+    data = AudioTask().build_data(cfg, DATA)
+    assert (len(data.train), len(data.val), len(data.test)) == (60, 60, 60)
+    assert data.state["classes"] == [str(i) for i in range(10)]
+    assert len(data.state["norm_mean"]) == len(data.state["norm_std"]) == cfg.model.n_mels
+    assert all(Path(f).name.split("_")[2] in {"0.wav", "1.wav", "2.wav", "3.wav", "4.wav"} for f in data.test.files)
+    item = data.test[0]
+    assert item["wave"].shape == (8000,) and item["y"].dtype == torch.int64
+    model = AudioTask().build_model(cfg, data)
+    torch.testing.assert_close(model.frontend.norm_mean, torch.tensor(data.state["norm_mean"]))
+
+
+@needs_fsdd
+def test_build_data_all_takes_every_file_of_a_folder(tmp_path: Path):
+    src = DATA / "fsdd" / "recordings"
+    for name in ["3_theo_0.wav", "3_theo_1.wav", "8_george_7.wav"]:
+        shutil.copy(src / name, tmp_path / name)
+    (tmp_path / "9_nobody_0.wav").write_bytes(b"not audio")
+    data = AudioTask().build_data(AudioConfig(), tmp_path, state={**_state(), "norm_mean": [0.0] * 64,
+                                                                  "norm_std": [1.0] * 64}, split="all")
+    assert data.train is None and len(data.test) == 3
+    assert sorted(int(data.test[i]["y"]) for i in range(3)) == [3, 3, 8]
+    assert data.skipped == {"not a readable audio file": 1}
+
+
+@needs_fsdd
+def test_smoke_fit_checkpoint_and_predict_round_trip(tmp_path: Path):
+    from cnnapps.engine.trainer import evaluate_checkpoints, fit, model_from_checkpoint
+
+    task = AudioTask()
+    cfg = load_config(AudioConfig, CONFIGS / "ci.toml",
+                      ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8",
+                       "data.max_per_class=3", "train.threads=1", "model.mixup_alpha=0.2"])
+    run = tmp_path / "run"
+    result = fit(task, cfg, run, DATA, quiet=True)
+    assert 0 <= result.test_metrics["accuracy"] <= 1 and "macro_f1" in result.test_metrics
+    assert "f1_0" in result.test_metrics
+    assert (run / "checkpoints" / "best.pt").is_file()
+    assert (run / "confusion.png").stat().st_size > 0 and (run / "examples.png").stat().st_size > 0
+
+    model, cfg2, state = model_from_checkpoint(task, run / "checkpoints" / "best.pt")
+    torch.testing.assert_close(model.frontend.norm_mean, torch.as_tensor(state["norm_mean"], dtype=torch.float32))
+    data = task.build_data(cfg2, DATA, state=state)
+    wav = data.test.files[5]
+    (row,) = task.predict(model, [wav], state, cfg2, torch.device("cpu"), top_k=10)
+    with torch.no_grad():
+        expect = model(data.test[5]["wave"][None]).softmax(1)[0]
+    # The checkpoint's normalisation and the evaluation clip pipeline come back exactly.
+    assert row["label"] == state["classes"][int(expect.argmax())]
+    assert row["probability"] == pytest.approx(float(expect.max()), abs=1e-4)
+
+    values = evaluate_checkpoints(task, [run / "checkpoints" / "best.pt"], DATA, split="test", quiet=True)
+    assert values["accuracy"] == pytest.approx(result.test_metrics["accuracy"])
