@@ -83,6 +83,39 @@ def test_backbone_dimension_must_fit_the_input():
     cfg = load_config(AudioConfig, None, ["model.backbone=resnet18_1d"])
     with pytest.raises(ConfigError, match="1D.*spectrogram"):
         _model(cfg)
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        _model(load_config(AudioConfig, None, ["model.backbone=resnet19"]))
+
+
+def test_backbone_too_large_for_the_spectrogram_is_a_config_error():
+    with pytest.raises(ConfigError, match="alexnet.*at least 67x67.*64x63"):
+        _model(load_config(AudioConfig, None, ["model.backbone=alexnet"]))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.backbone=nin"],
+    ["model.backbone=seresnet18", "model.features=mfcc"],
+    ["model.input=waveform", "model.backbone=hannun34_1d"],
+    ["model.input=waveform", "model.backbone=resnet34_1d"],
+])
+def test_other_zoo_backbones_run_on_audio(overrides: list[str]):
+    cfg = load_config(AudioConfig, None, overrides)
+    state = _state()
+    if cfg.model.input == "waveform":
+        state.update(norm_mean=[], norm_std=[])
+    elif cfg.model.features == "mfcc":
+        state.update(norm_mean=[0.0] * cfg.model.n_mfcc, norm_std=[1.0] * cfg.model.n_mfcc)
+    out = AudioTask().step(_model(cfg, state), {"wave": torch.randn(2, 8000) * 0.1, "y": torch.tensor([1, 2])}, cfg)
+    assert out["output"].shape == (2, 10) and out["loss"].ndim == 0
+
+
+def test_googlenet_aux_heads_add_to_the_training_loss():
+    cfg = load_config(AudioConfig, None, ["model.backbone=googlenet", "model.kwargs.aux_logits=true"])
+    model = _model(cfg).train()
+    out = AudioTask().step(model, {"wave": torch.randn(4, 8000) * 0.1, "y": torch.tensor([0, 1, 2, 3])}, cfg)
+    assert out["output"].shape == (4, 10)
+    assert out["loss"] > F.cross_entropy(out["output"], torch.tensor([0, 1, 2, 3]),
+                                         label_smoothing=cfg.train.label_smoothing)
 
 
 def test_unknown_options_are_config_errors():

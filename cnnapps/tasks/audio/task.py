@@ -219,35 +219,48 @@ class AudioTask(Task):
                           skipped=built.skipped)
 
     def build_model(self, cfg: AudioConfig, data: DataSplits) -> AudioModel:
-        from cnnapps import create_backbone
+        from cnnapps.backbones import backbone_info, create_backbone
 
         state = data.state
-        frontend = make_frontend(cfg.model, int(state["sample_rate"]))
+        m = cfg.model
+        frontend = make_frontend(m, int(state["sample_rate"]))
         if frontend.bins:
             frontend.set_normalisation(torch.as_tensor(state["norm_mean"]), torch.as_tensor(state["norm_std"]))
-        backbone = create_backbone(cfg.model.backbone, num_classes=len(state["classes"]), in_chans=1,
-                                   **cfg.model.kwargs)
-        want = 1 if cfg.model.input == "waveform" else 2
-        dim = getattr(backbone, "dim", want)
-        if dim != want:
-            raise ConfigError(f"model.backbone {cfg.model.backbone!r} is {dim}D but model.input = "
-                              f"{cfg.model.input!r} needs a {want}D backbone")
+        try:
+            info = backbone_info(m.backbone)
+        except KeyError as exc:
+            raise ConfigError(f"model.backbone: {exc.args[0]}") from None
+        want = 1 if m.input == "waveform" else 2
+        if info.dim != want:
+            raise ConfigError(f"model.backbone {m.backbone!r} is {info.dim}D but model.input = {m.input!r} needs a "
+                              f"{want}D backbone")
+        shape = frontend.output_shape(int(state["clip_samples"]))
+        if info.min_input is not None and any(have < need for have, need in zip(shape[1:], info.min_input[1:])):
+            raise ConfigError(f"model.backbone {m.backbone!r} needs inputs of at least "
+                              f"{'x'.join(map(str, info.min_input[1:]))}; the front end gives "
+                              f"{'x'.join(map(str, shape[1:]))} (raise model.n_mels or data.clip_seconds, or lower "
+                              f"model.hop_length)")
+        backbone = create_backbone(m.backbone, num_classes=len(state["classes"]), in_chans=1, **m.kwargs)
         return AudioModel(frontend, backbone)
 
     def step(self, model: nn.Module, batch: Any, cfg: AudioConfig) -> dict[str, Any]:
         wave, y = batch["wave"], batch["y"]
         smoothing = cfg.train.label_smoothing
         alpha = cfg.model.mixup_alpha
+        targets = [(y, 1.0)]
         if model.training and alpha > 0:
             # Mixup (Zhang et al. 2018) on waveforms: the front end then sees the mixed sound.
             lam = float(np.random.beta(alpha, alpha))
             perm = torch.randperm(wave.shape[0], device=wave.device)
-            logits = model(lam * wave + (1 - lam) * wave[perm])
-            loss = lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + \
-                (1 - lam) * F.cross_entropy(logits, y[perm], label_smoothing=smoothing)
-            return {"loss": loss, "output": logits}
-        logits = model(wave)
-        return {"loss": F.cross_entropy(logits, y, label_smoothing=smoothing), "output": logits}
+            wave = lam * wave + (1 - lam) * wave[perm]
+            targets = [(y, lam), (y[perm], 1 - lam)]
+        out = model(wave)
+        # GoogLeNet with aux_logits returns (logits, aux1, aux2) in training; the paper weights the aux losses 0.3.
+        logits, aux = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+        loss = sum(w * F.cross_entropy(logits, t, label_smoothing=smoothing) for t, w in targets)
+        for a in aux:
+            loss = loss + 0.3 * sum(w * F.cross_entropy(a, t, label_smoothing=smoothing) for t, w in targets)
+        return {"loss": loss, "output": logits}
 
     def metrics(self, cfg: AudioConfig, data: DataSplits) -> AudioMetrics:
         return AudioMetrics(data.state["classes"])
