@@ -250,6 +250,11 @@ def test_build_data_usual_split_state_and_batches():
     assert item["wave"].shape == (8000,) and item["y"].dtype == torch.int64
     model = AudioTask().build_model(cfg, data)
     torch.testing.assert_close(model.frontend.norm_mean, torch.tensor(data.state["norm_mean"]))
+    # Given a state (a finished model), the statistics are not refitted and training clips are not randomised.
+    again = AudioTask().build_data(cfg, DATA, state={**data.state, "norm_mean": [1.0] * 64})
+    assert again.state["norm_mean"] == [1.0] * 64
+    assert data.train.train and not again.train.train
+    assert torch.equal(again.train[0]["wave"], again.train[0]["wave"])
 
 
 @needs_fsdd

@@ -421,8 +421,10 @@ class BuiltSplits:
 
 
 def build_clip_datasets(lists: SplitLists, classes: list[str] | None, sample_rate: int, clip_samples: int,
-                        max_shift: int, skipped: Counter, cache_root: Path | None = None) -> BuiltSplits:
-    """Decode (cached) every file of the splits and wrap each split in a ClipDataset.
+                        max_shift: int, skipped: Counter, cache_root: Path | None = None,
+                        random_train_crops: bool = True) -> BuiltSplits:
+    """Decode (cached) every file of the splits and wrap each split in a ClipDataset (the training one with
+    random crops and shifts unless ``random_train_crops`` is False, e.g. to evaluate a model on it).
 
     ``classes`` None: the sorted labels present (FSDD: "0".."9"). Given (from a checkpoint): a file with a label
     outside it is skipped and counted. Broken and silent files are skipped and counted in ``skipped``."""
@@ -460,5 +462,5 @@ def build_clip_datasets(lists: SplitLists, classes: list[str] | None, sample_rat
 
     speakers = {name: sorted({e.speaker for e in entries if e.speaker})
                 for name, entries in (("train", lists.train), ("val", lists.val), ("test", lists.test))}
-    return BuiltSplits(make(lists.train, True), make(lists.val, False), make(lists.test, False), classes,
+    return BuiltSplits(make(lists.train, random_train_crops), make(lists.val, False), make(lists.test, False), classes,
                        dict(skipped), speakers)

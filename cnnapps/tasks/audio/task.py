@@ -190,8 +190,9 @@ class AudioTask(Task):
             if d.max_per_class:
                 lists = SplitLists(*(limit_per_class(x, d.max_per_class, d.seed + i)
                                      for i, x in enumerate((lists.train, lists.val, lists.test))))
+        # With a state we serve a finished model (evaluate): every split, train included, is cut as at evaluation.
         built = build_clip_datasets(lists, classes, sample_rate, clip, int(round(d.time_shift * sample_rate)),
-                                    skipped)
+                                    skipped, random_train_crops=state is None)
         if split != "all" and (built.train is None or len(built.train) == 0):
             raise ConfigError(f"{_resolve(data_root, d.path)}: no usable training files for this split")
 
