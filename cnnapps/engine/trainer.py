@@ -19,8 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
-from torch.utils.data import WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from tqdm.auto import tqdm
 
 from cnnapps.engine.checkpoint import (CheckpointError, load_checkpoint, load_matching_weights, load_model_state,
@@ -28,6 +27,7 @@ from cnnapps.engine.checkpoint import (CheckpointError, load_checkpoint, load_ma
 from cnnapps.engine.config import ConfigError, dumps_toml, from_dict, to_dict
 from cnnapps.engine.optim import build_optimizer, build_scheduler
 from cnnapps.engine.plots import plot_curves
+from cnnapps.engine.sampling import EpochShardSampler
 from cnnapps.engine.seeding import epoch_seed, rng_states, seed_everything, seed_worker, set_rng_states
 from cnnapps.metrics.base import Metric
 from cnnapps.tasks.base import DataSplits, Task, TaskConfig
@@ -188,19 +188,18 @@ class Trainer:
         workers = tc.num_workers if tc.num_workers >= 0 else (min(4, os.cpu_count() or 1) if device.type == "cuda" else 0)
         g = torch.Generator()
         g.manual_seed(epoch_seed(tc.seed, epoch))
-        if train and self.distributed:
-            sampler = DistributedSampler(dataset, shuffle=True, seed=tc.seed, drop_last=False)
-            sampler.set_epoch(epoch)
-        elif train and data.sample_weights is not None:
-            sampler = WeightedRandomSampler(data.sample_weights, num_samples=len(dataset), generator=g)
-        elif train:
-            sampler = RandomSampler(dataset, generator=g)
-        else:
-            sampler = SequentialSampler(dataset)
         world = dist.get_world_size() if self.distributed else 1
-        bs = tc.batch_size // (world * tc.grad_accum) if train else (tc.eval_batch_size or tc.batch_size)
-        if train and bs < 1:
-            raise ConfigError(f"train.batch_size {tc.batch_size} is smaller than world size x grad_accum")
+        if train:
+            if tc.batch_size % (world * tc.grad_accum):
+                raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by world size {world} "
+                                  f"x grad_accum {tc.grad_accum}")
+            bs = tc.batch_size // (world * tc.grad_accum)
+            sampler = EpochShardSampler(len(dataset), tc.batch_size, epoch_seed(tc.seed, epoch),
+                                        rank=dist.get_rank() if self.distributed else 0, world=world,
+                                        weights=data.sample_weights, drop_last=world > 1)
+        else:
+            bs = tc.eval_batch_size or tc.batch_size
+            sampler = SequentialSampler(dataset)
         return DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=data.collate_fn, num_workers=workers,
                           pin_memory=device.type == "cuda", persistent_workers=False,
                           worker_init_fn=seed_worker, generator=g, drop_last=False)
