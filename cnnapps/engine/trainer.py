@@ -9,7 +9,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,7 +464,7 @@ def model_from_checkpoint(task: Task, path: str | os.PathLike, device: torch.dev
     return model, cfg, data_state
 
 
-class _MeanOfModels(nn.Module):
+class MeanOfModels(nn.Module):
     """An ensemble: the mean of its members' outputs (logits averaged, or probabilities where a task says so)."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
@@ -475,25 +475,42 @@ class _MeanOfModels(nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
+def split_dataset(data: DataSplits, split: str, task: Task) -> Dataset:
+    """The dataset of ``split`` (``all`` is carried in ``test``); ConfigError if the task has none."""
+    dataset = {"train": data.train, "val": data.val, "test": data.test, "all": data.test}.get(split)
+    if dataset is None:
+        raise ConfigError(f"split {split!r} is not available for task {task.name!r}")
+    return dataset
+
+
+def evaluate_model(task: Task, model: nn.Module, cfg: TaskConfig, data: DataSplits, split: str,
+                   quiet: bool = True) -> tuple[dict[str, float], Metric]:
+    """Metrics of ``model`` on one split of ``data`` (already built): (values, the filled metric object)."""
+    device = next(model.parameters()).device
+    trainer = Trainer(task, cfg, Path("."), Path("."), quiet=quiet)
+    metric = task.metrics(cfg, data)
+    loader = trainer._loader(split_dataset(data, split, task), data, False, 0, device)
+    return trainer.run_eval(model, loader, metric, device, desc=split), metric
+
+
+def load_for_evaluation(task: Task, paths: Sequence[str | os.PathLike], data_root: str | os.PathLike,
+                        split: str = "test") -> tuple[list[nn.Module], TaskConfig, DataSplits]:
+    """Models of ``paths`` (on the auto device) and the data built with the first checkpoint's preprocessing."""
+    device = resolve_device("auto")
+    loaded = [model_from_checkpoint(task, p, device) for p in paths]
+    _, cfg, data_state = loaded[0]
+    data = task.build_data(cfg, Path(data_root), state=data_state, split=split)
+    return [m for m, _, _ in loaded], cfg, data
+
+
 def evaluate_checkpoints(task: Task, paths: Sequence[str | os.PathLike], data_root: str | os.PathLike,
                          split: str = "test", out_dir: str | os.PathLike | None = None,
                          quiet: bool = False) -> dict[str, float]:
     """Evaluate one checkpoint (or the mean of several: an ensemble) on a split, with the preprocessing saved in
     the first checkpoint. ``split='all'`` evaluates every example of the folder ``data_root``."""
-    device = resolve_device("auto")
-    models, cfg, data_state = [], None, None
-    for p in paths:
-        model, c, s = model_from_checkpoint(task, p, device)
-        models.append(model)
-        cfg, data_state = (c, s) if cfg is None else (cfg, data_state)
-    model = models[0] if len(models) == 1 else _MeanOfModels(models)
-    data = task.build_data(cfg, Path(data_root), state=data_state, split=split)
-    dataset = {"train": data.train, "val": data.val, "test": data.test, "all": data.test}.get(split)
-    if dataset is None:
-        raise ConfigError(f"split {split!r} is not available for task {task.name!r}")
-    trainer = Trainer(task, cfg, out_dir or Path(paths[0]).parent, data_root, quiet=quiet)
-    metric = task.metrics(cfg, data)
-    values = trainer.run_eval(model, trainer._loader(dataset, data, False, 0, device), metric, device, desc=split)
+    models, cfg, data = load_for_evaluation(task, paths, data_root, split)
+    model = models[0] if len(models) == 1 else MeanOfModels(models)
+    values, metric = evaluate_model(task, model, cfg, data, split, quiet=quiet)
     for reason, count in data.skipped.items():
         values[f"skipped: {reason}"] = count
     if out_dir is not None:
@@ -502,15 +519,3 @@ def evaluate_checkpoints(task: Task, paths: Sequence[str | os.PathLike], data_ro
         (out / "metrics.json").write_text(json.dumps(values, indent=2) + "\n")
         task.report(out, metric, data)
     return values
-
-
-def iter_chunks(items: Iterable, size: int) -> Iterable[list]:
-    """Consecutive lists of at most ``size`` items."""
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
