@@ -15,7 +15,8 @@ class Backbone(nn.Module):
 
     A family's ``__init__`` builds its layers, calls ``_set_stages`` with (module path, channels, reduction)
     per stage, then either builds its head or calls ``_set_features_only``. It implements ``forward_head`` and
-    ``reset_classifier``; the stage-wise forward below is shared.
+    ``reset_classifier``; the stage-wise forward below is shared. Register modules in forward order: the
+    trainer's stage freezing relies on parameter order following the stages.
 
     Attributes: ``dim`` (1: inputs (B, C, T); 2: inputs (B, C, H, W)), ``feature_info``, ``num_classes``,
     ``num_features`` (width of the pre-logits vector that the last linear layer sees), ``features_only``.

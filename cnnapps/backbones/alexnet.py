@@ -70,6 +70,7 @@ class AlexNet(Backbone):
         if groups < 1:
             raise ValueError(f"groups must be >= 1, got {groups}")
         chs = check_in_chans(in_chans)
+        # Registered in forward order so parameter order follows the stages.
         for i, spec in enumerate(convs, start=1):
             g = groups if spec.grouped else 1
             if chs % g or spec.out_chs % g:
@@ -77,10 +78,13 @@ class AlexNet(Backbone):
             self.add_module(f"conv{i}", nn.Conv2d(chs, spec.out_chs, spec.kernel, spec.stride, spec.padding, groups=g))
             self.add_module(f"relu{i}", nn.ReLU(inplace=True))
             chs = spec.out_chs
-        for i in (1, 2):
-            self.add_module(f"norm{i}", LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0) if lrn else nn.Identity())
-        for i in (1, 2, 5):
-            self.add_module(f"pool{i}", nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=ceil_mode))
+            if i in (1, 2, 5):
+                pool = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=ceil_mode)
+                norm = LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0) if lrn else nn.Identity()
+                order = [] if i == 5 else [(f"norm{i}", norm)]
+                order.insert(len(order) if norm_before_pool else 0, (f"pool{i}", pool))
+                for name, module in order:
+                    self.add_module(name, module)
 
         # Stride bookkeeping for feature_info: each stage ends before the next max pool.
         r1 = convs[0].stride
@@ -102,10 +106,10 @@ class AlexNet(Backbone):
         self.num_features = 4096
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.fc6 = nn.Linear(self.feature_info.channels(-1) * 6 * 6, 4096)
-        self.fc7 = nn.Linear(4096, 4096)
         self.relu6 = nn.ReLU(inplace=True)
-        self.relu7 = nn.ReLU(inplace=True)
         self.drop6 = nn.Dropout(dropout)
+        self.fc7 = nn.Linear(4096, 4096)
+        self.relu7 = nn.ReLU(inplace=True)
         self.drop7 = nn.Dropout(dropout)
         self.fc8: nn.Module = nn.Identity()
         if paper_init:

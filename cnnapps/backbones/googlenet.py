@@ -121,7 +121,8 @@ class GoogLeNet(Backbone):
         for name, spec in INCEPTION_SPECS.items():
             self.add_module(f"inception{name}", Inception(chs, spec, bn))
             chs = spec.out_chs
-        self.maxpool3, self.maxpool4 = pool(), pool()
+            if name in ("3b", "4e"):  # registered in forward order so parameter order follows the stages
+                self.add_module(f"maxpool{name[0]}", pool())
         out = {name: spec.out_chs for name, spec in INCEPTION_SPECS.items()}
         self._set_stages([
             (("conv1",), 64, 2),

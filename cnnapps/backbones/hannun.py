@@ -78,7 +78,7 @@ class HannunNet(Backbone):
 
     Parameters with 1 input channel: 10,465,120 in the body + 257 per class in the head (10,468,204 with the
     paper's 12 rhythm classes); the paper says "about 10.5 million". It equals the Keras model's trainable count
-    (convs keep their biases as Keras' Conv1D does); Keras additionally lists BN moving statistics (7,264
+    (convs keep their biases as Keras' Conv1D does); Keras additionally lists BN moving statistics (7,744
     values) as non-trainable parameters, which PyTorch keeps as buffers. Batch norm uses PyTorch's defaults
     (eps 1e-5, momentum 0.1) rather than Keras' (1e-3, 0.99).
 

@@ -60,15 +60,17 @@ class NiN(Backbone):
             raise ValueError(f"width must be positive, got {width}")
         chs = check_in_chans(in_chans)
         widths = []
+        # Registered in forward order (block1, pool1, drop1, block2, ...) so parameter order follows the stages.
+        pools = {1: maxpool_cls(dim)(kernel_size=3, stride=2, ceil_mode=True),
+                 2: avgpool_cls(dim)(kernel_size=3, stride=2, ceil_mode=True)}
         for i, (kernel, ws) in enumerate(NIN_CIFAR_BLOCKS, start=1):
             scaled = [max(1, round(w * width / 192)) for w in ws]
             self.add_module(f"block{i}", MlpConv(chs, scaled, kernel, dim))
+            if i in pools:
+                self.add_module(f"pool{i}", pools[i])
+                self.add_module(f"drop{i}", nn.Dropout(dropout))
             chs = scaled[-1]
             widths.append(chs)
-        self.pool1 = maxpool_cls(dim)(kernel_size=3, stride=2, ceil_mode=True)
-        self.drop1 = nn.Dropout(dropout)
-        self.pool2 = avgpool_cls(dim)(kernel_size=3, stride=2, ceil_mode=True)
-        self.drop2 = nn.Dropout(dropout)
         self._set_stages([
             (("block1", "pool1"), widths[0], 2),
             (("drop1", "block2", "pool2"), widths[1], 4),
