@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from cnnapps.data.root import DataNotFoundError, cache_dir, require_path
 
@@ -215,22 +214,15 @@ def fit_to_size(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ImageArrayDataset(Dataset):
-    """Preprocessed float images (N, C, S, S) in [0, 1] + labels; yields ``(x normalised (C, S, S), y)`` with
-    optional torchvision v2 augmentation applied per example."""
+    """Preprocessed images, normalised once: yields ``(x (C, S, S), y)``. Augmentation happens per batch on the
+    training device (``cnnapps.data.augment``), not here."""
 
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
-                 augment: v2.Transform | None = None) -> None:
-        self.images = images
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.images = (images - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.mean = mean.view(-1, 1, 1)
-        self.std = std.view(-1, 1, 1)
-        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[i]
-        if self.augment is not None:
-            x = self.augment(x)
-        return (x - self.mean) / self.std, self.labels[i]
+        return self.images[i], self.labels[i]

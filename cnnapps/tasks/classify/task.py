@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
+from cnnapps.data.augment import ImageAugment
 from cnnapps.engine.config import ConfigError, TrainConfig
 from cnnapps.engine.plots import plot_confusion
 from cnnapps.metrics.classification import ClassificationMetrics
@@ -78,19 +78,10 @@ def _load_raw(cfg: ClassifyConfig, root: Path, size: int, class_names: list[str]
     raise ConfigError(f"data.dataset: unknown {name!r} (mnist, cifar10, digits, folder)")
 
 
-def _augmentation(d: ClassifyData, size: int) -> v2.Transform | None:
-    if not d.augment:
-        return None
-    ops: list[v2.Transform] = []
-    if d.crop_scale < 1.0:
-        ops.append(v2.RandomResizedCrop(size, scale=(d.crop_scale, 1.0), antialias=True))
-    if d.translate or d.rotation:
-        ops.append(v2.RandomAffine(degrees=d.rotation, translate=(d.translate, d.translate)))
-    if d.hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    if d.color_jitter:
-        ops.append(v2.ColorJitter(brightness=d.color_jitter, contrast=d.color_jitter, saturation=d.color_jitter))
-    return v2.Compose(ops) if ops else None
+def _augmentation(d: ClassifyData) -> ImageAugment | None:
+    aug = ImageAugment(crop_scale=d.crop_scale, translate=d.translate, rotation=d.rotation, hflip=d.hflip,
+                       color_jitter=d.color_jitter)
+    return aug if d.augment and aug.active else None
 
 
 class ClassifyTask(Task):
@@ -129,8 +120,7 @@ class ClassifyTask(Task):
         else:
             mean = x_train.mean(dim=(0, 2, 3))
             std = x_train.std(dim=(0, 2, 3)).clamp_min(1e-3)
-        aug = _augmentation(cfg.data, size)
-        train = ImageArrayDataset(x_train, raw.train.labels[train_idx], mean, std, aug)
+        train = ImageArrayDataset(x_train, raw.train.labels[train_idx], mean, std)
         val = ImageArrayDataset(prep(raw.train.images[val_idx]), raw.train.labels[val_idx], mean, std) \
             if n_val else None
         test_ds = ImageArrayDataset(prep(test.images), test.labels, mean, std)
@@ -146,6 +136,9 @@ class ClassifyTask(Task):
 
     def step(self, model: nn.Module, batch: Any, cfg: ClassifyConfig) -> dict[str, Any]:
         x, y = batch
+        augment = _augmentation(cfg.data) if model.training else None
+        if augment is not None:
+            x = augment(x)
         out = model(x)
         if isinstance(out, tuple):  # GoogLeNet aux heads in training: the paper weights them 0.3
             logits, *aux = out

@@ -1,0 +1,57 @@
+"""Batch augmentation on the training device: per-example random parameters, one vectorised call per batch.
+
+Per-example torchvision transforms on the CPU cost more than LeNet-5's whole training step; an affine grid with a
+different matrix per example does crops, zoom, translation, rotation and flips for a batch at once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ImageAugment:
+    """Random geometry and colour for a batch ``(B, C, H, W)`` of normalised images (zero = the mean colour, which
+    also fills the borders a shift or rotation opens)."""
+
+    crop_scale: float = 1.0  # a random crop of this fraction of the area (or more), resized back (zoom in)
+    translate: float = 0.0  # fraction of the image size, each axis
+    rotation: float = 0.0  # degrees, either way
+    hflip: bool = False
+    color_jitter: float = 0.0  # brightness, contrast and saturation strength
+
+    @property
+    def active(self) -> bool:
+        return self.crop_scale < 1.0 or bool(self.translate) or bool(self.rotation) or self.hflip \
+            or bool(self.color_jitter)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Same shape as ``x``; draws from torch's global RNG (the engine seeds it per epoch)."""
+        b, dev = x.shape[0], x.device
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return torch.rand(b, device=dev) * (hi - lo) + lo
+
+        if self.crop_scale < 1.0 or self.translate or self.rotation or self.hflip:
+            zoom = uniform(self.crop_scale, 1.0).sqrt()  # side of the crop relative to the image
+            # a crop of side `zoom` may sit anywhere inside the image: its centre moves by up to 1 - zoom
+            tx = uniform(-1, 1) * ((1 - zoom) + 2 * self.translate)
+            ty = uniform(-1, 1) * ((1 - zoom) + 2 * self.translate)
+            angle = uniform(-self.rotation, self.rotation) * (math.pi / 180)
+            flip = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0) if self.hflip else torch.ones(b, device=dev)
+            cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+            theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.color_jitter:
+            j = self.color_jitter
+            shape = (b,) + (1,) * (x.dim() - 1)
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) * uniform(1 - j, 1 + j).view(shape) + mean + uniform(-j, j).view(shape)
+            if x.shape[1] == 3:
+                grey = x.mean(1, keepdim=True)
+                x = grey + (x - grey) * uniform(1 - j, 1 + j).view(shape)
+        return x
