@@ -29,7 +29,7 @@ from cnnapps.engine.optim import build_optimizer, build_scheduler
 from cnnapps.engine.plots import plot_curves
 from cnnapps.engine.sampling import EpochShardSampler
 from cnnapps.engine.seeding import epoch_seed, rng_states, seed_everything, seed_worker, set_rng_states
-from cnnapps.metrics.base import Metric
+from cnnapps.metrics.base import Metric, headline
 from cnnapps.tasks.base import DataSplits, Task, TaskConfig
 
 log = logging.getLogger(__name__)
@@ -434,7 +434,7 @@ class Trainer:
                 "rng": rng_states(), "history": history}
 
     def _log_epoch(self, row: dict) -> None:
-        vals = ", ".join(f"{k}={v:.4f}" for k, v in row.items()
+        vals = ", ".join(f"{k}={v:.4f}" for k, v in headline(row).items()
                          if k.startswith("val_") and isinstance(v, float) and "ema" not in k)
         log.info("epoch %d: train_loss=%.4f %s (%.1fs, %.0f samples/s)", row["epoch"], row["train_loss"], vals,
                  row["seconds"], row["samples_per_s"])

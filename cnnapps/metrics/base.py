@@ -22,3 +22,13 @@ class Metric:
 
     def artifacts(self) -> dict[str, Any]:
         return {}
+
+
+PER_CLASS_PREFIXES = ("precision_", "recall_", "f1_", "se_", "ppv_", "ap_", "iou_")
+
+
+def headline(values: dict[str, float], limit: int = 16) -> dict[str, float]:
+    """The values worth printing: all of them when few, else those that are not per-class."""
+    if len(values) <= limit:
+        return values
+    return {k: v for k, v in values.items() if not k.split("val_", 1)[-1].startswith(PER_CLASS_PREFIXES)}

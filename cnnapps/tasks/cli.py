@@ -12,6 +12,7 @@ from cnnapps.data.root import find_data_root
 from cnnapps.engine.checkpoint import CheckpointError
 from cnnapps.engine.config import ConfigError, load_config
 from cnnapps.engine.trainer import TrainingDiverged, evaluate_checkpoints, fit, model_from_checkpoint, resolve_device
+from cnnapps.metrics.base import headline
 from cnnapps.tasks import get_task
 from cnnapps.tasks.base import Task
 
@@ -82,13 +83,9 @@ def cmd_train(task: Task, args: argparse.Namespace) -> int:
     return 0
 
 
-PER_CLASS_PREFIXES = ("precision_", "recall_", "f1_", "se_", "ppv_", "ap_", "iou_")
-
-
 def _print_metrics(metrics: dict, title: str) -> None:
     """Headline numbers; per-class ones too when there are few (all of them are in metrics.json)."""
-    shown = metrics if len(metrics) <= 16 else {k: v for k, v in metrics.items()
-                                                 if not k.startswith(PER_CLASS_PREFIXES)}
+    shown = headline(metrics)
     print(f"{title} metrics:")
     for k, v in shown.items():
         print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
