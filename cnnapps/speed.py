@@ -1,0 +1,179 @@
+"""Speed measured side by side in one process: our backbones against torchvision's, the ECG network, the data
+pipelines, and a convolution's achieved GFLOP/s against this machine's matmul. Writes results/speed.md/.json."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnapps.engine.runinfo import REPO_ROOT, run_facts
+
+log = logging.getLogger(__name__)
+
+
+def _time_it(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def model_throughput(model: nn.Module, shape: tuple[int, ...], batch: int, train: bool, bf16: bool,
+                     channels_last: bool, device: torch.device, repeats: int) -> float:
+    """Examples per second of one forward (eval) or forward+backward+SGD step (train)."""
+    x = torch.randn(batch, *shape, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    model.to(device).train(train)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4) if train else None
+
+    def step() -> None:
+        if train:
+            with _autocast(device, bf16):
+                out = model(x)
+            out.float().sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode(), _autocast(device, bf16):
+                model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return batch / _time_it(step, repeats)
+
+
+def compare_with_torchvision(names: list[str], size: int, batch: int, device: torch.device, repeats: int,
+                             variants: list[str]) -> list[dict]:
+    """Rows of (model, mode, variant, ours/s, torchvision/s, ratio); both models measured back to back."""
+    import torchvision
+
+    from cnnapps.backbones import create_backbone
+
+    rows = []
+    for name in names:
+        for mode in ("eval", "train"):
+            for variant in variants:
+                bf16, cl, comp = "bf16" in variant, "channels_last" in variant, "compile" in variant
+                speeds = {}
+                for impl in ("ours", "torchvision"):
+                    torch.manual_seed(0)
+                    model = create_backbone(name, num_classes=1000) if impl == "ours" else \
+                        getattr(torchvision.models, name)(num_classes=1000)
+                    if comp:
+                        model = torch.compile(model)
+                    speeds[impl] = model_throughput(model, (3, size, size), batch, mode == "train", bf16, cl, device,
+                                                    repeats)
+                rows.append({"model": name, "mode": mode, "variant": variant, "input": f"{batch}x3x{size}x{size}",
+                             "ours_per_s": round(speeds["ours"], 2), "torchvision_per_s": round(speeds["torchvision"], 2),
+                             "ratio": round(speeds["ours"] / speeds["torchvision"], 3)})
+                log.info("%s %s %s: ratio %.3f", name, mode, variant, rows[-1]["ratio"])
+    return rows
+
+
+def hannun_throughput(device: torch.device, repeats: int, window: int = 8192, batch: int = 16) -> list[dict]:
+    """Training and inference windows/s of the full hannun34_1d (width 32, 16 blocks) on 1-lead windows."""
+    from cnnapps.backbones import create_backbone
+
+    rows = []
+    for mode in ("eval", "train"):
+        model = create_backbone("hannun34_1d", num_classes=4, in_chans=1)
+        rows.append({"model": "hannun34_1d", "mode": mode, "input": f"{batch}x1x{window}",
+                     "windows_per_s": round(model_throughput(model, (1, window), batch, mode == "train", False, False,
+                                                             device, repeats), 2)})
+    return rows
+
+
+def conv_vs_matmul(device: torch.device, repeats: int) -> dict:
+    """Achieved GFLOP/s of a 3x3 convolution (64->64 channels, 56x56, batch 8) and of a 2048^2 matmul."""
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device)
+    x = torch.randn(8, 64, 56, 56, device=device)
+    with torch.inference_mode():
+        t_conv = _time_it(lambda: conv(x), repeats)
+    conv_flops = 2 * 8 * 64 * 64 * 9 * 56 * 56
+    a = torch.randn(2048, 2048, device=device)
+    t_mm = _time_it(lambda: a @ a, repeats)
+    mm_flops = 2 * 2048 ** 3
+    return {"conv3x3_gflops": round(conv_flops / t_conv / 1e9, 2), "matmul_gflops": round(mm_flops / t_mm / 1e9, 2),
+            "conv_fraction_of_matmul": round((conv_flops / t_conv) / (mm_flops / t_mm), 3)}
+
+
+def pipeline_numbers(data_root: Path | None) -> dict:
+    """ECG windows/s from the prepared cache against per-window WFDB reads, and audio spectrograms/s, where the
+    tasks provide their bench helpers and the data is present."""
+    out: dict[str, Any] = {}
+    try:
+        from cnnapps.tasks.ecg import bench as ecg_bench
+
+        out.update(ecg_bench.cache_vs_wfdb(data_root))
+    except (ImportError, AttributeError, FileNotFoundError) as exc:
+        out["ecg_pipeline"] = f"not measured: {exc}"
+    try:
+        from cnnapps.tasks.audio import bench as audio_bench
+
+        fe = audio_bench.frontend_throughput()
+        out.update({f"audio_{k}": v for k, v in fe.items()} if isinstance(fe, dict) else {"audio_frontend": fe})
+    except (ImportError, AttributeError) as exc:
+        out["audio_frontend"] = f"not measured: {exc}"
+    return out
+
+
+def run_speed(device: str = "cpu", data_root: Path | None = None, results_dir: Path | None = None,
+              quick: bool = False) -> Path:
+    """Measure everything above and write results/speed.md and .json; returns the Markdown path."""
+    dev = torch.device(device)
+    on_cpu = dev.type == "cpu"
+    size = 112 if on_cpu else 224
+    batch = 8 if on_cpu else 64
+    repeats = 3 if quick else (5 if on_cpu else 20)
+    variants = ["fp32", "bf16", "fp32+channels_last"] if quick else \
+        ["fp32", "bf16", "fp32+channels_last", "bf16+channels_last+compile"]
+    names = ["resnet18"] if quick else ["resnet18", "resnet50", "vgg16"]
+    record = {**run_facts(dev), "input_size": size, "batch": batch, "repeats": repeats,
+              "backbones": compare_with_torchvision(names, size, batch, dev, repeats, variants),
+              "hannun34_1d": hannun_throughput(dev, repeats, window=4096 if quick else 8192),
+              "conv_vs_matmul": conv_vs_matmul(dev, repeats), "pipelines": pipeline_numbers(data_root)}
+    results_dir = Path(results_dir or REPO_ROOT / "results")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "speed.json").write_text(json.dumps(record, indent=2) + "\n")
+    path = results_dir / "speed.md"
+    path.write_text(format_speed(record))
+    return path
+
+
+def format_speed(r: dict) -> str:
+    lines = ["# Speed, measured side by side", "",
+             "Written by `python -m cnnapps bench --speed` - do not edit by hand. Each number is the median of "
+             f"{r['repeats']} timed calls after 2 warm-up calls, ours and torchvision's measured back to back in one "
+             "process. A ratio above 1.0 means ours is faster.", "",
+             f"machine: {r['machine']}; commit: {r['commit']}; time: {r['time_utc']}; torch {r['torch']}", "",
+             "## Backbones against torchvision", "",
+             "| model | mode | variant | input | ours (images/s) | torchvision (images/s) | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {b['model']} | {b['mode']} | {b['variant']} | {b['input']} | {b['ours_per_s']} | "
+              f"{b['torchvision_per_s']} | {b['ratio']} |" for b in r["backbones"]]
+    lines += ["", "## hannun34_1d (full width, 16 blocks)", "", "| mode | input | windows/s |", "| --- | --- | --- |"]
+    lines += [f"| {h['mode']} | {h['input']} | {h['windows_per_s']} |" for h in r["hannun34_1d"]]
+    lines += ["", "## Convolution against matmul", "", "| measurement | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in r["conv_vs_matmul"].items()]
+    lines += ["", "## Data pipelines", "", "| measurement | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in r["pipelines"].items()]
+    return "\n".join(lines) + "\n"
