@@ -356,3 +356,14 @@ def tile_sample_weights(dataset: TrainWindows, weights: np.ndarray) -> torch.Ten
         y = y[y >= 0]
         out[i] = weights[y].max() if len(y) else weights.min()
     return torch.as_tensor(out, dtype=torch.double)
+
+
+def merge_segments(steps: np.ndarray, seconds_per_step: float) -> list[tuple[float, float, int]]:
+    """Runs of equal consecutive step classes: [(start_s, end_s, class index)], in time order."""
+    steps = np.asarray(steps)
+    if not len(steps):
+        return []
+    cuts = np.flatnonzero(np.diff(steps)) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [len(steps)]])
+    return [(float(a * seconds_per_step), float(b * seconds_per_step), int(steps[a])) for a, b in zip(starts, ends)]

@@ -1,0 +1,384 @@
+"""The ECG task plugin: typed config, data from the prepared caches, a 1D backbone with a per-step head, the
+sequence loss, metrics, report plots and ``predict`` on WFDB records."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnapps.engine.config import ConfigError, TrainConfig
+from cnnapps.tasks.base import DataSplits, Task, TaskConfig
+from cnnapps.tasks.ecg.data import (DEFAULT_RHYTHM_CLASSES, IGNORE, Augment, BeatLabeler, EvalWindows, Labeler,
+                                    RecordLabeler, RhythmLabeler, TrainWindows, class_weights, collate_windows,
+                                    merge_segments, n_valid_steps, record_labels_for_cinc, records_by_name,
+                                    rhythm_class_lookup, step_class_counts, stratified_split, tile_sample_weights)
+from cnnapps.tasks.ecg.metrics import ECGMetrics
+from cnnapps.tasks.ecg.prepare import (BEAT_CLASSES, CINC_CLASSES, MITDB_DS1, MITDB_DS2, STEP, PrepParams,
+                                       PreparedCache, RecordSkip, choose_lead, dataset_source, folder_source,
+                                       prepare_signal, prepare_source)
+
+log = logging.getLogger(__name__)
+
+# DS1 patients held out for validation (early stopping, best.pt). DS1's only AFIB/AFL records (201, 203) stay
+# in training; these four still cover bigeminy/trigeminy (119), VT (205), SVTA (209) and a noisy record (108).
+MITDB_VAL = ("108", "119", "205", "209")
+MITDB_TRAIN = tuple(r for r in MITDB_DS1 if r not in MITDB_VAL)
+
+
+@dataclass
+class ECGDataConfig:
+    """``[data]``: which records, how they are prepared, windowed, split, weighted and augmented."""
+
+    dataset: str = "cinc2017"  # cinc2017 | mitdb
+    target: str = "record"  # record (CinC label broadcast per step) | rhythm | beats (MIT-BIH)
+    fs: int = 200  # model sampling rate (Hz), as in Hannun et al.
+    lead: str = ""  # signal name to use (e.g. "MLII"); "": each record's first signal
+    normalize: str = "zscore"  # per record: zscore | robust | none
+    window: int = 6144  # training crop in samples, a multiple of 256 (6144 = 30.7 s: a typical CinC record whole)
+    eval_window: int = 0  # evaluation tiles in samples (multiple of 256); 0: whole records
+    fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # CinC train/val/test, stratified
+    split_seed: int = 0  # seed of the CinC split (independent of train.seed)
+    max_records: int = 0  # CinC: a stratified subset of this many records (CI); 0: all
+    train_records: list[str] = field(default_factory=lambda: list(MITDB_TRAIN))  # MIT-BIH, by record name
+    val_records: list[str] = field(default_factory=lambda: list(MITDB_VAL))
+    test_records: list[str] = field(default_factory=lambda: list(MITDB_DS2))
+    rhythm_classes: list[str] = field(default_factory=lambda: list(DEFAULT_RHYTHM_CLASSES))
+    rhythm_aliases: list[str] = field(default_factory=lambda: ["SBR=N"])  # FROM=TO before mapping to classes
+    other_class: str = "OTHER"  # rhythms outside rhythm_classes map here if it is a class, else are ignored
+    class_weighting: str = "sqrt"  # none | inverse | sqrt (of inverse frequency), clipped to class_weight_max
+    class_weight_max: float = 10.0
+    weighted_sampler: bool = False  # draw training tiles by their rarest class (DataSplits.sample_weights)
+    time_shift: bool = True  # random crop position (train only)
+    augment: bool = True  # amplitude scale, baseline wander, noise below (train only)
+    aug_scale: float = 0.1
+    aug_wander: float = 0.1
+    aug_noise: float = 0.02
+
+
+@dataclass
+class ECGModelConfig:
+    """``[model]``: a registered 1D backbone and its keyword arguments, then a per-step head."""
+
+    backbone: str = "hannun34_1d"
+    width: int = 8
+    num_blocks: int = 8
+    kernel_size: int = 16
+    dropout: float = 0.2
+    subsample_every: int = 1
+    increase_every: int = 2
+    head_dropout: float = 0.0
+    kwargs: dict = field(default_factory=dict)  # other backbone arguments (for backbones other than hannun34_1d)
+
+
+@dataclass
+class ECGConfig(TaskConfig):
+    data: ECGDataConfig = field(default_factory=ECGDataConfig)
+    model: ECGModelConfig = field(default_factory=ECGModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=6, batch_size=32, optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="onecycle",
+        warmup_epochs=0.0, threads=2))
+
+
+class ECGSequenceModel(nn.Module):
+    """``backbone.forward_features`` then a per-step ``head``: (batch, leads, time) -> (batch, classes, time/256).
+
+    ``backbone`` and ``head`` are the names the engine's freezing and transfer code look for.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head_dropout: float = 0.0) -> None:
+        super().__init__()
+        from cnnapps.heads import SequenceHead
+
+        self.backbone = backbone
+        self.head = SequenceHead(backbone.feature_info.channels(-1), num_classes, dim=1, drop=head_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features(x))
+
+
+def _classes(target: str, d: ECGDataConfig) -> list[str]:
+    if target == "record":
+        return list(CINC_CLASSES)
+    if target == "beats":
+        return list(BEAT_CLASSES)
+    if not d.rhythm_classes:
+        raise ConfigError("data.rhythm_classes is empty")
+    return list(d.rhythm_classes)
+
+
+def _settings(cfg: ECGConfig, state: dict | None) -> dict[str, Any]:
+    """The preprocessing in force: the checkpoint's ``state`` where given, else derived from the config."""
+    if state:
+        return dict(state)
+    d = cfg.data
+    expected = {"cinc2017": ("record",), "mitdb": ("rhythm", "beats")}
+    if d.dataset not in expected:
+        raise ConfigError(f"data.dataset: unknown {d.dataset!r} (cinc2017, mitdb)")
+    if d.target not in expected[d.dataset]:
+        raise ConfigError(f"data.target {d.target!r} does not fit data.dataset {d.dataset!r} "
+                          f"(use {' or '.join(expected[d.dataset])})")
+    for key in ("window", "eval_window"):
+        value = getattr(d, key)
+        if value < 0 or value % STEP or (key == "window" and value == 0):
+            raise ConfigError(f"data.{key} must be a {'positive ' if key == 'window' else ''}multiple of {STEP} "
+                              f"samples{' (or 0: whole records)' if key == 'eval_window' else ''}, got {value}")
+    return {"dataset": d.dataset, "target": d.target, "fs": d.fs, "lead": d.lead, "normalize": d.normalize,
+            "step": STEP, "classes": _classes(d.target, d), "window": d.window, "eval_window": d.eval_window,
+            "rhythm_aliases": list(d.rhythm_aliases), "other_class": d.other_class, "in_chans": 1}
+
+
+def _params(s: dict) -> PrepParams:
+    return PrepParams(fs=int(s["fs"]), lead=str(s["lead"]), normalize=str(s["normalize"]), step=int(s["step"]))
+
+
+def _labeler(s: dict, cache: PreparedCache) -> Labeler:
+    """Per-step labels for the target; a cache without the needed labels (a plain folder) gives none (-100)."""
+    target, step = s["target"], int(s["step"])
+    if target == "record":
+        labels = record_labels_for_cinc(cache)
+        return RecordLabeler(labels, step) if (labels != IGNORE).any() else Labeler()
+    if not cache.has_annotations:
+        return Labeler()
+    if target == "beats":
+        return BeatLabeler(cache, step)
+    lookup = rhythm_class_lookup(cache.rhythm_names, s["classes"], s.get("rhythm_aliases", ()),
+                                 s.get("other_class", "OTHER"))
+    return RhythmLabeler(cache, lookup, step)
+
+
+def _cache_for(s: dict, data_root: Path, split: str | None) -> PreparedCache:
+    """The dataset's cache; for ``split='all'``, every record of ``data_root`` (a WFDB folder or a data root)."""
+    data_root = Path(data_root)
+    if split == "all" and any(data_root.glob("*.hea")):
+        return prepare_source(folder_source(data_root), _params(s))
+    return prepare_source(dataset_source(data_root, s["dataset"]), _params(s))
+
+
+class ECGTask(Task):
+    """ECG rhythm labelling, one label per 256 samples (Hannun et al. 2019), on CinC 2017 or MIT-BIH."""
+
+    name = "ecg"
+    Config = ECGConfig
+    monitor = "challenge_f1"  # CinC; the MIT-BIH configs set train.monitor = "seq_f1"
+    monitor_mode = "max"
+    bench_config = "ci.toml"
+
+    def __init__(self) -> None:
+        self._class_weights: torch.Tensor | None = None
+        self._weights_on: dict[torch.device, torch.Tensor] = {}
+
+    # ---- data
+    def build_data(self, cfg: ECGConfig, data_root: Path, state: dict | None = None,
+                   split: str | None = None) -> DataSplits:
+        """Train/val/test windows over the prepared cache (``split='all'``: every record of ``data_root`` in
+        ``test``). Items: x (1, time), y (time // 256,), record, offset, length; see ``cnnapps.tasks.ecg.data``."""
+        d = cfg.data
+        s = _settings(cfg, state)
+        cache = _cache_for(s, data_root, split)
+        labeler = _labeler(s, cache)
+        classes = list(s["classes"])
+        step, window, eval_window = int(s["step"]), int(s["window"]), int(s["eval_window"])
+        if split == "all":
+            test = EvalWindows(cache, np.arange(len(cache)), labeler, eval_window, step)
+            self._set_weights(s.get("class_weights"))
+            return DataSplits(train=None, val=None, test=test, state=s, collate_fn=collate_windows,
+                              skipped=cache.skip_counts())
+        train_ids, val_ids, test_ids = self._split(s, d, cache)
+        log.info("ECG %s/%s: %d train, %d val, %d test records (%d skipped at preparation: %s)", s["dataset"],
+                 s["target"], len(train_ids), len(val_ids), len(test_ids), sum(cache.skip_counts().values()),
+                 cache.skip_counts())
+        augment = Augment(int(s["fs"]), d.aug_scale, d.aug_wander, d.aug_noise) if d.augment else None
+        train = TrainWindows(cache, train_ids, labeler, window, step, time_shift=d.time_shift, augment=augment)
+        val = EvalWindows(cache, val_ids, labeler, eval_window, step) if len(val_ids) else None
+        test = EvalWindows(cache, test_ids, labeler, eval_window, step) if len(test_ids) else None
+        if state and state.get("class_weights") is not None:
+            weights = np.asarray(state["class_weights"], dtype=np.float32)
+        else:
+            counts = step_class_counts(labeler, cache, train_ids, len(classes), step)
+            weights = class_weights(counts, d.class_weighting, d.class_weight_max)
+            s["train_step_counts"] = counts.tolist()
+            log.info("ECG training steps per class %s; loss weights %s", dict(zip(classes, counts.tolist())),
+                     dict(zip(classes, np.round(weights, 3).tolist())))
+        s["class_weights"] = weights.tolist()
+        self._set_weights(s["class_weights"])
+        sample_weights = tile_sample_weights(train, weights) if d.weighted_sampler and len(train) else None
+        return DataSplits(train=train, val=val, test=test, state=s, collate_fn=collate_windows,
+                          sample_weights=sample_weights, skipped=cache.skip_counts())
+
+    def _split(self, s: dict, d: ECGDataConfig, cache: PreparedCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if s["dataset"] == "cinc2017":
+            return stratified_split(record_labels_for_cinc(cache), d.fractions, d.split_seed, d.max_records)
+        named = {"train": d.train_records, "val": d.val_records, "test": d.test_records}
+        seen: dict[str, str] = {}
+        for split_name, names in named.items():
+            for n in names:
+                if n in seen:
+                    raise ConfigError(f"data.{split_name}_records: record {n} is also in data.{seen[n]}_records; "
+                                      "splits must be disjoint by patient")
+                seen[n] = split_name
+        return tuple(records_by_name(cache, names, f"data.{k}_records") for k, names in named.items())  # type: ignore
+
+    def _set_weights(self, weights: list[float] | None) -> None:
+        self._class_weights = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
+        self._weights_on = {}
+
+    # ---- model
+    def build_model(self, cfg: ECGConfig, data: DataSplits) -> nn.Module:
+        """A registered 1D backbone (``features_only=False, num_classes=0``) + SequenceHead:
+        (batch, leads, time) -> (batch, classes, time / 256)."""
+        from cnnapps import create_backbone
+
+        m = cfg.model
+        kwargs = dict(m.kwargs)
+        if m.backbone.startswith("hannun"):
+            kwargs = {"width": m.width, "num_blocks": m.num_blocks, "kernel_size": m.kernel_size,
+                      "dropout": m.dropout, "subsample_every": m.subsample_every,
+                      "increase_every": m.increase_every, **kwargs}
+        backbone = create_backbone(m.backbone, features_only=False, num_classes=0,
+                                   in_chans=int(data.state.get("in_chans", 1)), **kwargs)
+        step = int(data.state.get("step", STEP))
+        reduction = backbone.feature_info.reduction(-1)
+        if reduction != step:
+            raise ConfigError(f"model: backbone {m.backbone!r} with {kwargs} reduces time by {reduction}, but the "
+                              f"ECG labels come one per {step} samples; for hannun34_1d keep "
+                              f"2 ** (num_blocks // subsample_every) == {step}")
+        return ECGSequenceModel(backbone, len(data.state["classes"]), m.head_dropout)
+
+    # ---- step
+    def step(self, model: nn.Module, batch: dict[str, torch.Tensor], cfg: ECGConfig) -> dict[str, Any]:
+        """Cross-entropy averaged over labelled steps (class-weighted, label smoothing from the config)."""
+        logits = model(batch["x"])
+        y = batch["y"]
+        if logits.shape[-1] != y.shape[-1]:
+            raise RuntimeError(f"model gave {logits.shape[-1]} steps for {batch['x'].shape[-1]} samples; labels "
+                               f"have {y.shape[-1]} (inputs must be a multiple of the step)")
+        weight = None
+        if self._class_weights is not None and len(self._class_weights) == logits.shape[1]:
+            weight = self._weights_on.get(logits.device)
+            if weight is None:
+                weight = self._weights_on[logits.device] = self._class_weights.to(logits.device)
+            weight = weight.to(logits.dtype)
+        if bool((y != IGNORE).any()):
+            loss = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE,
+                                   label_smoothing=cfg.train.label_smoothing)
+        else:  # a batch of padding only (or unlabelled records): no signal, but no NaN either
+            loss = logits.sum() * 0.0
+        return {"loss": loss, "output": logits}
+
+    # ---- metrics and report
+    def metrics(self, cfg: ECGConfig, data: DataSplits) -> ECGMetrics:
+        s = data.state
+        cache = next((ds.cache for ds in (data.test, data.val, data.train) if ds is not None), None)
+        beats = cache.beats if s["target"] == "beats" and cache is not None and cache.has_annotations else None
+        return ECGMetrics(s["classes"], s["target"] if beats is not None or s["target"] != "beats" else "rhythm",
+                          int(s["step"]), beat_lookup=beats)
+
+    def report(self, run_dir: Path, metric: ECGMetrics, data: DataSplits) -> dict[str, str]:
+        """Confusion matrices and an ECG strip coloured by predicted rhythm; returns {what: relative path}."""
+        from cnnapps.tasks.ecg.plots import plot_confusion_matrices, plot_example_strip
+
+        run_dir = Path(run_dir)
+        out = plot_confusion_matrices(metric.artifacts(), run_dir, data.state["target"])
+        dataset = data.test if data.test is not None else data.val
+        if dataset is not None:
+            strip = plot_example_strip(metric.artifacts(), dataset, data.state, run_dir / "ecg_strip.png")
+            if strip is not None:
+                out["ECG strip coloured by predicted rhythm"] = strip.name
+        return out
+
+    # ---- predict
+    def predict_options(self, parser: Any) -> None:
+        parser.add_argument("--lead", default=None,
+                            help="signal name to read (default: the training lead if the record has it, else the "
+                                 "first signal)")
+        parser.add_argument("--plot", action="store_true", help="draw each ECG coloured by predicted rhythm")
+
+    def predict(self, model: nn.Module, inputs: list[str], state: dict, cfg: ECGConfig, device: torch.device,
+                plot: bool = False, out_dir: str | Path | None = None, lead: str | None = None,
+                **kw: Any) -> Iterator[dict]:
+        """One dict per WFDB record path (any sampling rate and lead count): record, fs, duration_s, label,
+        probabilities (mean over the record), segments [{start_s, end_s, rhythm}] of equal consecutive steps."""
+        from cnnapps.tasks.ecg.prepare import read_lead
+
+        classes, step, fs = list(state["classes"]), int(state["step"]), int(state["fs"])
+        params = _params(state)
+        chunk = int(state.get("eval_window") or 0) or 2 ** 18  # bounded memory for half-hour records
+        model.eval()
+        for path in inputs:
+            record = str(Path(path).with_suffix("")) if Path(path).suffix in (".hea", ".dat", ".mat") else path
+            try:
+                wanted = lead if lead else _lead_in_record(record, state.get("lead", ""))
+                raw, fs_in, lead_name = read_lead(Path(record), wanted)
+                x, _ = prepare_signal(raw, fs_in, params, record)
+            except RecordSkip as exc:
+                yield {"record": path, "error": f"{exc.reason}: {exc}"}
+                continue
+            probs = _predict_steps(model, x, chunk, step, device)
+            valid = n_valid_steps(len(x), step)
+            probs = probs[:valid]
+            mean = probs.mean(0)
+            duration = len(raw) / fs_in
+            steps = probs.argmax(1)
+            row: dict[str, Any] = {
+                "record": path, "fs": fs_in, "lead": lead_name, "duration_s": round(duration, 3),
+                "label": classes[int(mean.argmax())],
+                "probabilities": {c: round(float(p), 4) for c, p in zip(classes, mean)},
+                "segments": [{"start_s": round(a, 3), "end_s": round(min(b, duration), 3), "rhythm": classes[c]}
+                             for a, b, c in merge_segments(steps, step / fs)],
+            }
+            if plot:
+                from cnnapps.tasks.ecg.plots import plot_ecg_strip
+
+                folder = Path(out_dir or ".")
+                folder.mkdir(parents=True, exist_ok=True)
+                png = plot_ecg_strip(x, fs, steps, classes, folder / f"{Path(record).name}.png", step=step,
+                                     title=f"{Path(record).name} ({lead_name}): {row['label']}")
+                row["plot"] = str(png)
+            yield row
+
+    # ---- bench hook
+    def bench_extra(self, cfg: ECGConfig, data_root: Path) -> dict[str, float]:
+        """Windows per second from the prepared cache and from WFDB files (see ``cnnapps.tasks.ecg.bench``)."""
+        from cnnapps.tasks.ecg.bench import windows_per_second_cache, windows_per_second_wfdb
+
+        s = _settings(cfg, None)
+        cache = prepare_source(dataset_source(Path(data_root), s["dataset"]), _params(s))
+        return {"windows_per_s_cache": windows_per_second_cache(cache, s["window"]),
+                "windows_per_s_wfdb": windows_per_second_wfdb(cache, s["window"])}
+
+
+def _lead_in_record(record: str, lead: str) -> str:
+    """The training lead if this record has it, else "" (its first signal)."""
+    if not lead:
+        return ""
+    import wfdb
+
+    try:
+        names = list(wfdb.rdheader(record).sig_name)
+        choose_lead(names, lead, record)
+        return lead
+    except RecordSkip:
+        log.info("%s has no lead %s; using its first signal", record, lead)
+        return ""
+    except Exception:  # unreadable header: read_lead reports it with the reason
+        return lead
+
+
+def _predict_steps(model: nn.Module, x: np.ndarray, chunk: int, step: int, device: torch.device) -> np.ndarray:
+    """Softmax per step of a whole prepared signal (time,), in chunks of ``chunk`` samples: (steps, classes)."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(x), chunk):
+            piece = x[start:start + chunk]
+            padded = np.zeros(-(-len(piece) // step) * step, dtype=np.float32)
+            padded[:len(piece)] = piece
+            logits = model(torch.from_numpy(padded)[None, None].to(device))
+            out.append(torch.softmax(logits.float(), 1)[0].T.cpu().numpy())
+    return np.concatenate(out)
