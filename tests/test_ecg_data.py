@@ -342,3 +342,67 @@ def test_smoke_fit_evaluates_and_reports(data_root, tmp_path, cinc):
         assert (run / png).is_file(), png
     state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["data_state"]
     assert {"fs", "lead", "classes", "window", "target", "normalize", "step", "class_weights"} <= set(state)
+
+
+# ---------------------------------------------------------------- downloads (local mirror only: no network)
+
+
+def _data_prep_ecg():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_prep_ecg", REPO / "data_prep" / "ecg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_download_physionet_from_a_file_url_mirror(data_root, tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+    import zipfile
+
+    from cnnapps.tasks.ecg.prepare import ECGDataError, cinc2017_source, dataset_source, prepare_source
+
+    mit_src, cinc_src = mitdb_source(data_root).record_dir, cinc2017_source(data_root).record_dir
+    monkeypatch.setenv("CNNAPPS_CACHE", str(tmp_path / "cache"))  # after finding the unpacked sources above
+    dp = _data_prep_ecg()
+    mirror = tmp_path / "mirror"
+    mit = mirror / "mitdb" / "1.0.0"
+    mit.mkdir(parents=True)
+    (mit / "RECORDS").write_text("100\n201\n")
+    sums = []
+    for name in ("100", "201"):
+        for ext in ("hea", "dat", "atr"):
+            shutil.copy(mit_src / f"{name}.{ext}", mit / f"{name}.{ext}")
+            sums.append(f"{hashlib.sha256((mit / f'{name}.{ext}').read_bytes()).hexdigest()} {name}.{ext}")
+    (mit / "SHA256SUMS.txt").write_text("\n".join(sums) + "\n")
+    challenge = mirror / "challenge-2017" / "1.0.0"
+    challenge.mkdir(parents=True)
+    with zipfile.ZipFile(challenge / "training2017.zip", "w") as zf:
+        for name in ("A00001", "A00002"):
+            for ext in ("hea", "mat"):
+                zf.write(cinc_src / f"{name}.{ext}", f"training2017/{name}.{ext}")
+        zf.writestr("training2017/RECORDS", "A00001\nA00002\n")
+        zf.writestr("training2017/REFERENCE.csv", "A00001,N\r\nA00002,N\r\n")
+
+    dest = tmp_path / "data"
+    url = mirror.as_uri()  # file:///...
+    assert dp.download_physionet("mitdb", dest, url) == dest / "mitdb"
+    assert dp.download_physionet("cinc2017", dest, str(mirror)) == dest / "cinc2017"  # a plain folder works too
+    assert (dest / "cinc2017" / "REFERENCE.csv").is_file()
+    mitdb_cache = prepare_source(dataset_source(dest, "mitdb"), PrepParams(lead="MLII"))
+    assert mitdb_cache.names == ["100", "201"] and len(mitdb_cache.beats(0)) == 2273
+    cinc_cache = prepare_source(dataset_source(dest, "cinc2017"), PrepParams())
+    assert cinc_cache.index["label_counts"] == {"N": 2}
+
+    (mit / "100.atr").write_bytes(b"tampered")  # the mirror now serves a file that fails its checksum
+    with pytest.raises(ECGDataError, match="SHA-256"):
+        dp.download_physionet("mitdb", tmp_path / "data2", url)
+    with pytest.raises(ECGDataError, match="cannot download"):
+        dp.download_physionet("mitdb", tmp_path / "data3", (tmp_path / "nowhere").as_uri())
+
+
+def test_bench_helpers_read_the_same_windows_both_ways(mitdb):
+    from cnnapps.tasks.ecg.bench import windows_per_second_cache, windows_per_second_wfdb
+
+    assert windows_per_second_cache(mitdb, 8192, n=5) > 0 and windows_per_second_wfdb(mitdb, 8192, n=3) > 0

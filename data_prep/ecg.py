@@ -1,0 +1,165 @@
+"""Prepare the ECG caches (CinC 2017, MIT-BIH) from the data folder, or first download them from PhysioNet.
+
+Usage:
+    python data_prep/ecg.py [--data-dir DIR] [--dataset cinc2017|mitdb|all] [--fs 200] [--lead NAME] [--force]
+    python data_prep/ecg.py --download DEST [--mirror URL_OR_DIR] [--dataset ...]   # for machines with a network
+
+Local first: data already under the data folder (the archives of ../shared/data, or unpacked PhysioNet
+folders) is never downloaded again. Downloads land in PhysioNet's layout, which the task reads directly:
+``DEST/mitdb/*.hea|dat|atr`` and ``DEST/cinc2017/training2017/*`` plus ``DEST/cinc2017/REFERENCE.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from cnnapps.data.root import find_data_root
+from cnnapps.tasks.ecg.prepare import ECGDataError, PrepParams, dataset_source, prepare_source
+
+log = logging.getLogger("data_prep.ecg")
+
+PHYSIONET = "https://physionet.org/files"
+# (path under the PhysioNet files root, what to fetch)
+PHYSIONET_PATHS = {"mitdb": "mitdb/1.0.0", "cinc2017": "challenge-2017/1.0.0"}
+
+
+def _base_url(base: str) -> str:
+    """A URL for ``base``: http(s)/file URLs as given, a local mirror folder as a file:// URL."""
+    if urllib.parse.urlparse(base).scheme in ("http", "https", "file"):
+        return base.rstrip("/")
+    return Path(base).expanduser().resolve().as_uri()
+
+
+def _fetch(url: str, dest: Path, timeout: float) -> Path:
+    """Download ``url`` to ``dest`` through a temporary file (an interrupted download leaves no partial file)."""
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
+            shutil.copyfileobj(resp, fh)
+    except OSError as exc:  # URLError is an OSError
+        tmp.unlink(missing_ok=True)
+        raise ECGDataError(f"cannot download {url}: {exc}") from exc
+    tmp.rename(dest)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _check_sums(folder: Path, sums_file: Path, names: set[str]) -> None:
+    """Compare downloaded files with PhysioNet's SHA256SUMS.txt; a mismatch removes the file and raises."""
+    for line in sums_file.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 2 or parts[1] not in names:
+            continue
+        path = folder / parts[1]
+        if path.is_file() and _sha256(path) != parts[0]:
+            path.unlink()
+            raise ECGDataError(f"{path}: SHA-256 differs from {sums_file}; removed, download again")
+
+
+def _safe_unzip(archive: Path, dest: Path) -> None:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                parts = Path(name).parts
+                if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                    raise ECGDataError(f"{archive}: refusing unsafe member path {name!r}")
+            zf.extractall(dest)
+    except zipfile.BadZipFile as exc:
+        raise ECGDataError(f"{archive}: not a readable zip archive ({exc})") from exc
+
+
+def download_physionet(dataset: str, dest: str | Path, base_url: str = PHYSIONET, timeout: float = 60.0) -> Path:
+    """Fetch ``dataset`` ("mitdb" | "cinc2017") from PhysioNet (or a mirror: a URL or a local folder laid out
+    like PhysioNet's ``files/``) into ``dest``; returns the folder the task reads (``dest/<dataset>``).
+
+    Files already present are kept (a rerun resumes). MIT-BIH files are checked against PhysioNet's
+    SHA256SUMS.txt when the mirror has it.
+    """
+    if dataset not in PHYSIONET_PATHS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(PHYSIONET_PATHS)}")
+    dest = Path(dest)
+    root = f"{_base_url(base_url)}/{PHYSIONET_PATHS[dataset]}"
+    if dataset == "mitdb":
+        folder = dest / "mitdb"
+        records = _fetch(f"{root}/RECORDS", folder / "RECORDS", timeout)
+        names = [n.strip() for n in records.read_text().splitlines() if n.strip()]
+        files = [f"{n}.{ext}" for n in names for ext in ("hea", "dat", "atr")]
+        for i, fname in enumerate(files, 1):
+            _fetch(f"{root}/{fname}", folder / fname, timeout)
+            if i % 30 == 0:
+                log.info("mitdb: %d/%d files", i, len(files))
+        try:
+            sums = _fetch(f"{root}/SHA256SUMS.txt", folder / "SHA256SUMS.txt", timeout)
+        except ECGDataError:
+            log.warning("mitdb: no SHA256SUMS.txt at %s; files not verified", root)
+        else:
+            _check_sums(folder, sums, set(files) | {"RECORDS"})
+        return folder
+    folder = dest / "cinc2017"
+    if not (folder / "training2017" / "RECORDS").is_file():
+        archive = _fetch(f"{root}/training2017.zip", folder / "training2017.zip", timeout)
+        _safe_unzip(archive, folder)
+        archive.unlink()
+    reference = folder / "training2017" / "REFERENCE.csv"
+    if not reference.is_file():
+        raise ECGDataError(f"{root}/training2017.zip holds no training2017/REFERENCE.csv")
+    shutil.copy(reference, folder / "REFERENCE.csv")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None, help="data root (default: $CNNAPPS_DATA, ../shared/data, ...)")
+    parser.add_argument("--dataset", default="all", choices=["cinc2017", "mitdb", "all"])
+    parser.add_argument("--fs", type=int, default=200, help="model sampling rate (Hz)")
+    parser.add_argument("--lead", default=None, help="signal name (default: first for CinC, MLII for MIT-BIH)")
+    parser.add_argument("--normalize", default="zscore", choices=["zscore", "robust", "none"])
+    parser.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
+    parser.add_argument("--download", type=Path, default=None, metavar="DEST",
+                        help="download from PhysioNet into DEST first (only what DEST lacks), then prepare")
+    parser.add_argument("--mirror", default=PHYSIONET, help="PhysioNet files root, or a mirror URL or folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    datasets = ["cinc2017", "mitdb"] if args.dataset == "all" else [args.dataset]
+    if args.download is not None:
+        for name in datasets:
+            try:
+                dataset_source(args.download, name)
+                log.info("%s already under %s; not downloading", name, args.download)
+            except (FileNotFoundError, ECGDataError):
+                download_physionet(name, args.download, args.mirror)
+        root = args.download
+    else:
+        root = find_data_root(args.data_dir)
+    summary = {}
+    for name in datasets:
+        lead = args.lead if args.lead is not None else ("MLII" if name == "mitdb" else "")
+        t0 = time.perf_counter()
+        cache = prepare_source(dataset_source(root, name), PrepParams(fs=args.fs, lead=lead,
+                                                                       normalize=args.normalize), force=args.force)
+        size = sum(p.stat().st_size for p in cache.path.iterdir())
+        summary[name] = {"cache": str(cache.path), "records": len(cache), "skipped": cache.skip_counts(),
+                         "label_counts": cache.index["label_counts"], "prep_seconds": cache.index["prep_seconds"],
+                         "seconds_now": round(time.perf_counter() - t0, 2), "megabytes": round(size / 2**20, 1)}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
