@@ -54,7 +54,7 @@ class ECGDataConfig:
     other_class: str = "OTHER"  # rhythms outside rhythm_classes map here if it is a class, else are ignored
     class_weighting: str = "sqrt"  # none | inverse | sqrt (of inverse frequency), clipped to class_weight_max
     class_weight_max: float = 10.0
-    weighted_sampler: bool = False  # draw training tiles by their rarest class (DataSplits.sample_weights)
+    weighted_sampler: bool = False  # draw training tiles by their rarest class (sqrt inverse frequency)
     time_shift: bool = True  # random crop position (train only)
     augment: bool = True  # amplitude scale, baseline wander, noise below (train only)
     aug_scale: float = 0.1
@@ -67,7 +67,7 @@ class ECGModelConfig:
     """``[model]``: a registered 1D backbone and its keyword arguments, then a per-step head."""
 
     backbone: str = "hannun34_1d"
-    width: int = 8
+    width: int = 12
     num_blocks: int = 8
     kernel_size: int = 16
     dropout: float = 0.2
@@ -82,7 +82,7 @@ class ECGConfig(TaskConfig):
     data: ECGDataConfig = field(default_factory=ECGDataConfig)
     model: ECGModelConfig = field(default_factory=ECGModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=6, batch_size=32, optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="onecycle",
+        epochs=8, batch_size=32, optimizer="adam", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="onecycle",
         warmup_epochs=0.0, threads=2))
 
 
@@ -198,6 +198,7 @@ class ECGTask(Task):
         train = TrainWindows(cache, train_ids, labeler, window, step, time_shift=d.time_shift, augment=augment)
         val = EvalWindows(cache, val_ids, labeler, eval_window, step) if len(val_ids) else None
         test = EvalWindows(cache, test_ids, labeler, eval_window, step) if len(test_ids) else None
+        counts = None
         if state and state.get("class_weights") is not None:
             weights = np.asarray(state["class_weights"], dtype=np.float32)
         else:
@@ -208,7 +209,12 @@ class ECGTask(Task):
                      dict(zip(classes, np.round(weights, 3).tolist())))
         s["class_weights"] = weights.tolist()
         self._set_weights(s["class_weights"])
-        sample_weights = tile_sample_weights(train, weights) if d.weighted_sampler and len(train) else None
+        sample_weights = None
+        if d.weighted_sampler and len(train):
+            # the sampler's notion of rarity is independent of the loss weights (which may be off)
+            if counts is None:
+                counts = step_class_counts(labeler, cache, train_ids, len(classes), step)
+            sample_weights = tile_sample_weights(train, class_weights(counts, "sqrt", d.class_weight_max))
         return DataSplits(train=train, val=val, test=test, state=s, collate_fn=collate_windows,
                           sample_weights=sample_weights, skipped=cache.skip_counts())
 
