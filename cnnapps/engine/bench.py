@@ -24,6 +24,7 @@ def run_task_bench(task: Task, config: Path | None, data_root: Path, overrides: 
     results_dir = Path(results_dir or REPO_ROOT / "results")
     results_dir.mkdir(parents=True, exist_ok=True)
     name = name or task.name
+    facts = run_facts(resolve_device(cfg.train.device))  # the commit and time the run started from
     with tempfile.TemporaryDirectory(prefix=f"cnnapps-bench-{task.name}-") as tmp:
         t0 = time.perf_counter()
         result = fit(task, cfg, Path(tmp) / "run", data_root, quiet=quiet)
@@ -34,7 +35,7 @@ def run_task_bench(task: Task, config: Path | None, data_root: Path, overrides: 
     record = {
         "task": task.name, "config": str(Path(config).resolve().relative_to(REPO_ROOT))
         if Path(config).resolve().is_relative_to(REPO_ROOT) else str(config),
-        "overrides": overrides or [], **run_facts(resolve_device(cfg.train.device)),
+        "overrides": overrides or [], **facts,
         "wall_seconds": round(wall, 2), "train_seconds": round(result.train_seconds, 2),
         "epochs": result.epochs_run, "train_samples_per_s": round(throughput, 2),
         "monitor": cfg.train.monitor or task.monitor, "test": result.test_metrics, "extra": extra,
