@@ -119,7 +119,7 @@ def plot_example_strip(artifacts: dict[str, Any], dataset: Any, state: dict, out
     truth = dataset.labeler(record, 0, len(signal), n_steps(len(signal), step))
     pred = artifacts["record_steps"][record]
     marks = np.flatnonzero((truth > 0) | (pred[: len(truth)] > 0))
-    start_s = max(0.0, marks[0] * step / fs - 10.0) if len(marks) else 0.0
+    start_s = float(max(0, math.floor(marks[0] * step / fs) - 10)) if len(marks) else 0.0
     name = dataset.cache.records[record].name
     return plot_ecg_strip(signal, fs, pred, classes, out_png, step=step, truth=truth, start_s=start_s,
                           title=f"record {name}")

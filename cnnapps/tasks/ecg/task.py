@@ -282,9 +282,14 @@ class ECGTask(Task):
     def metrics(self, cfg: ECGConfig, data: DataSplits) -> ECGMetrics:
         s = data.state
         cache = next((ds.cache for ds in (data.test, data.val, data.train) if ds is not None), None)
-        beats = cache.beats if s["target"] == "beats" and cache is not None and cache.has_annotations else None
-        return ECGMetrics(s["classes"], s["target"] if beats is not None or s["target"] != "beats" else "rhythm",
-                          int(s["step"]), beat_lookup=beats)
+        target = s["target"]
+        beats = None
+        if target == "beats":
+            if cache is not None and cache.has_annotations:
+                beats = cache.beats
+            else:  # a folder without .atr files: no beats to score, only the (empty) sequence metrics
+                target = "rhythm"
+        return ECGMetrics(s["classes"], target, int(s["step"]), beat_lookup=beats)
 
     def report(self, run_dir: Path, metric: ECGMetrics, data: DataSplits) -> dict[str, str]:
         """Confusion matrices and an ECG strip coloured by predicted rhythm; returns {what: relative path}."""
