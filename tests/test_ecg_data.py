@@ -340,6 +340,8 @@ def test_smoke_fit_evaluates_and_reports(data_root, tmp_path, cinc):
     assert 0.0 <= metrics["challenge_f1"] <= 1.0 and result.test_metrics["accuracy"] == metrics["accuracy"]
     for png in ("confusion.png", "confusion_steps.png", "ecg_strip.png"):
         assert (run / png).is_file(), png
+    summary = json.loads((run / "data_summary.json").read_text())
+    assert summary["records"] == {"train": 76, "val": 10, "test": 10} and summary["skipped_at_preparation"] == {}
     state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["data_state"]
     assert {"fs", "lead", "classes", "window", "target", "normalize", "step", "class_weights"} <= set(state)
 

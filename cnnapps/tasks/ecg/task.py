@@ -2,6 +2,7 @@
 sequence loss, metrics, report plots and ``predict`` on WFDB records."""
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -297,6 +298,14 @@ class ECGTask(Task):
 
         run_dir = Path(run_dir)
         out = plot_confusion_matrices(metric.artifacts(), run_dir, data.state["target"])
+        # what the numbers rest on: records per split and the preparation's skips by reason
+        summary = {"records": {k: int(len(ds.records)) for k, ds in
+                               (("train", data.train), ("val", data.val), ("test", data.test)) if ds is not None},
+                   "skipped_at_preparation": dict(data.skipped),
+                   "train_step_counts": data.state.get("train_step_counts"),
+                   "class_weights": data.state.get("class_weights")}
+        (run_dir / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        out["data summary (split sizes, skipped records)"] = "data_summary.json"
         dataset = data.test if data.test is not None else data.val
         if dataset is not None:
             strip = plot_example_strip(metric.artifacts(), dataset, data.state, run_dir / "ecg_strip.png")
