@@ -173,14 +173,15 @@ def test_a_killed_preparation_leaves_no_complete_looking_cache(broken_folder, tm
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(prep, "prepare_signal", dies_midway)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_source(source, PrepParams())
+    with monkeypatch.context() as patch:  # undone at the end of the block; the cache folder stays patched
+        patch.setattr(prep, "prepare_signal", dies_midway)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_source(source, PrepParams())
     prepared = tmp_path / "cache" / "ecg" / "prepared"
     assert not [p for p in prepared.iterdir() if (p / "index.json").exists()]
     assert not list(prepared.glob(".tmp-*"))
-    monkeypatch.undo()
-    assert len(prepare_source(source, PrepParams())) == 3
+    cache = prepare_source(source, PrepParams())
+    assert len(cache) == 3 and cache.path.parent == prepared
 
 
 def test_a_changed_source_or_parameter_gives_a_new_cache(broken_folder):
