@@ -6,7 +6,7 @@ import logging
 import tomllib
 from pathlib import Path
 
-from cnnapps.engine.bench import run_task_bench
+from cnnapps.engine.bench import run_key, run_task_bench
 from cnnapps.engine.runinfo import REPO_ROOT, config_path
 from cnnapps.tasks import get_task, list_tasks
 
@@ -28,7 +28,7 @@ def run_all(data_root: Path, results_dir: Path | None = None, device: str | None
             continue
         overrides = [f"train.device={device}"] if device else []
         md = run_task_bench(task, config, data_root, overrides=overrides, results_dir=results_dir, quiet=quiet)
-        records.append(json.loads(md.with_suffix(".json").read_text()))
+        records.append(json.loads(md.with_suffix(".json").read_text())["runs"][run_key(str(config))])
         log.info("bench %s: %s", name, md)
     write_summary(records, results_dir)
     return records

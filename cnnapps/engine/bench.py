@@ -41,29 +41,57 @@ def run_task_bench(task: Task, config: Path | None, data_root: Path, overrides: 
         "monitor": cfg.train.monitor or task.monitor, "test": result.test_metrics, "extra": extra,
         "resolved_config": to_dict(cfg),
     }
-    json_path = results_dir / f"{name}.json"
-    json_path.write_text(json.dumps(record, indent=2) + "\n")
-    md_path = results_dir / f"{name}.md"
-    md_path.write_text(format_markdown(record))
+    return write_run(record, results_dir, name)
+
+
+def run_key(config: str) -> str:
+    """A run's key inside its task's results file: the config file's stem (``ci``, ``default``, ...)."""
+    return Path(config).stem
+
+
+def write_run(record: dict, results_dir: Path, name: str) -> Path:
+    """Put ``record`` into ``results/<name>.json`` (one entry per config, others kept) and re-render the
+    Markdown twin. Returns the Markdown path."""
+    json_path = Path(results_dir) / f"{name}.json"
+    doc = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if doc.get("task") != record["task"] or "runs" not in doc:
+        doc = {"task": record["task"], "runs": {}}
+    doc["runs"][run_key(record["config"])] = record
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(format_markdown(doc))
     return md_path
 
 
-def format_markdown(record: dict) -> str:
-    """The human-readable twin of a results JSON record."""
-    lines = [f"# {record['task']}: benchmark `{record['config']}`", "",
-             f"Written by `python -m cnnapps.tasks.{record['task']} bench` - do not edit by hand.", "",
-             "| fact | value |", "| --- | --- |"]
-    for key in ("machine", "device", "commit", "time_utc", "torch", "wall_seconds", "train_seconds", "epochs",
-                "train_samples_per_s", "monitor"):
-        lines.append(f"| {key} | {record[key]} |")
-    if record["overrides"]:
-        lines.append(f"| overrides | {' '.join(record['overrides'])} |")
-    lines += ["", "## Test split", "", "| metric | value |", "| --- | --- |"]
-    for k, v in record["test"].items():
-        lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
-    if record["extra"]:
-        lines += ["", "## Extra measurements", "", "| measurement | value |", "| --- | --- |"]
-        for k, v in record["extra"].items():
-            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    lines += ["", "## Resolved config", "", "```toml", dumps_toml(record["resolved_config"]).rstrip(), "```", ""]
-    return "\n".join(lines)
+def format_markdown(doc: dict) -> str:
+    """The human-readable twin of a task's results JSON: a summary table, then one section per config."""
+    task, runs = doc["task"], sorted(doc["runs"].values(), key=lambda r: r["time_utc"])
+    lines = [f"# Results: {task}", "",
+             f"Written by `python -m cnnapps.tasks.{task} bench [--config ...]` - do not edit by hand. One section "
+             "per config; `ci` is the small-subset benchmark that CI repeats.", "",
+             "| config | monitor | test value | training time (s) | epochs | machine | commit | time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        v = r["test"].get(r["monitor"])
+        lines.append(f"| `{r['config']}` | {r['monitor']} | {v:.4f} | {r['train_seconds']} | {r['epochs']} | "
+                     f"{r['machine']} | {r['commit']} | {r['time_utc']} |" if isinstance(v, (int, float)) else
+                     f"| `{r['config']}` | {r['monitor']} | n/a | {r['train_seconds']} | {r['epochs']} | "
+                     f"{r['machine']} | {r['commit']} | {r['time_utc']} |")
+    for r in runs:
+        lines += ["", f"## `{r['config']}`", "", "| fact | value |", "| --- | --- |"]
+        for key in ("machine", "device", "commit", "time_utc", "torch", "wall_seconds", "train_seconds", "epochs",
+                    "train_samples_per_s", "monitor"):
+            lines.append(f"| {key} | {r[key]} |")
+        if r["overrides"]:
+            lines.append(f"| overrides | {' '.join(r['overrides'])} |")
+        lines += ["", "Test split:", "", "| metric | value |", "| --- | --- |"]
+        for k, v in r["test"].items():
+            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) and not float(v).is_integer()
+                         else f"| {k} | {v:g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |")
+        if r["extra"]:
+            lines += ["", "Extra measurements:", "", "| measurement | value |", "| --- | --- |"]
+            for k, v in r["extra"].items():
+                lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines += ["", "<details><summary>resolved config</summary>", "", "```toml",
+                  dumps_toml(r["resolved_config"]).rstrip(), "```", "", "</details>"]
+    return "\n".join(lines) + "\n"
