@@ -74,7 +74,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         kwargs["num_classes"] = args.num_classes
     shape = args.input or info.default_input
     if len(shape) != info.dim + 1:
-        raise ValueError(f"{args.name} is {info.dim}D: --input needs {info.dim + 1} sizes (channels first), got {shape}")
+        raise ValueError(f"{args.name} is {info.dim}D: --input needs {info.dim + 1} sizes, channels first; got {shape}")
     kwargs.setdefault("in_chans", shape[0])
     print(summarize(args.name, shape, **kwargs).format_table())
     return 0
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="per-layer output shapes, parameters and multiply-adds of a backbone")
     p.add_argument("name", help="backbone name (see `list`)")
-    p.add_argument("--input", type=parse_shape, default=None, help="input shape without batch, e.g. 3,224,224 or 1,8192")
+    p.add_argument("--input", type=parse_shape, default=None,
+                   help="input shape without batch, e.g. 3,224,224 or 1,8192 (default: the backbone's)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the family's)")
     p.add_argument("--set", nargs="*", default=[], metavar="K=V", help="backbone keyword arguments, e.g. lrn=False")
     p.set_defaults(func=cmd_summary)

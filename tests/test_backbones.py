@@ -26,10 +26,11 @@ TORCHVISION_TWINS = [n for n in ALL if n.startswith(("vgg", "resnet")) and hasat
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     # Two cores shared with other jobs: one thread and no oneDNN primitive set-up per new shape is faster here.
-    threads = torch.get_num_threads()
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     torch.set_num_threads(1)
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = mkldnn
     torch.set_num_threads(threads)
 
 

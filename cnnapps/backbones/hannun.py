@@ -154,7 +154,7 @@ class HannunNet(Backbone):
         self.num_classes = num_classes
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, num_features, T / 256) -> time-averaged logits (B, num_classes), or (B, num_features) with ``pre_logits``."""
+        """(B, num_features, T / 256) -> time-averaged logits (B, num_classes); (B, num_features) with ``pre_logits``."""
         self._require_head()
         return self.head(x, pre_logits=pre_logits)
 

@@ -97,7 +97,7 @@ class NiN(Backbone):
             self.classifier, self.logit_act = nn.Identity(), nn.Identity()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """block3 map (B, width, *L/4) -> class scores (B, num_classes), or the pooled (B, width) with ``pre_logits``."""
+        """block3 map (B, width, *L/4) -> class scores (B, num_classes); the pooled (B, width) with ``pre_logits``."""
         self._require_head()
         if not pre_logits:
             x = self.logit_act(self.classifier(x))

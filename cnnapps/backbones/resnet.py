@@ -176,7 +176,9 @@ class ResNet(Backbone):
             downsample = nn.Sequential(
                 create_conv(self.dim, self.inplanes, out_chs, 1, stride, bias=False), batchnorm_cls(self.dim)(out_chs)
             )
-        make = partial(self.block, dim=self.dim, kernel_size=self.kernel_size, attn_layer=self.attn_layer, **self.block_kw)
+        make = partial(
+            self.block, dim=self.dim, kernel_size=self.kernel_size, attn_layer=self.attn_layer, **self.block_kw
+        )
         layers = [make(self.inplanes, planes, stride, downsample)]
         self.inplanes = out_chs
         layers += [make(out_chs, planes) for _ in range(1, blocks)]

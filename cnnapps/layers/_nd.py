@@ -22,7 +22,7 @@ _LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
 def check_dim(dim: int) -> int:
     """Return ``dim`` if it is a supported signal dimension (1 or 2), else raise ValueError."""
     if dim not in _SUPPORTED_DIMS:
-        raise ValueError(f"dim must be one of {_SUPPORTED_DIMS} (1: sequences (B, C, T), 2: images (B, C, H, W)), got {dim!r}")
+        raise ValueError(f"dim must be one of {_SUPPORTED_DIMS} (1: (B, C, T), 2: (B, C, H, W)), got {dim!r}")
     return dim
 
 

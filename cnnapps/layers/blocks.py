@@ -47,7 +47,7 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels: int, reduction: int = 16, dim: int = 2) -> None:
         super().__init__()
         if reduction <= 0 or channels // reduction < 1:
-            raise ValueError(f"SqueezeExcite needs channels // reduction >= 1, got channels={channels}, reduction={reduction}")
+            raise ValueError(f"SqueezeExcite needs channels // reduction >= 1, got {channels} // {reduction}")
         hidden = channels // reduction
         self.pool = adaptive_avgpool_cls(check_dim(dim))(1)
         self.fc1 = create_conv(dim, channels, hidden, 1)
@@ -82,7 +82,7 @@ class LocalResponseNorm(nn.Module):
 
 
 class ScaledTanh(nn.Module):
-    """LeCun et al. (1998) squashing function ``A * tanh(S * x)`` with A = 1.7159, S = 2/3 (f(1) = 1); same shape out."""
+    """LeCun et al. (1998) squashing ``A * tanh(S * x)``, A = 1.7159, S = 2/3 (so f(1) = 1); same shape out."""
 
     def __init__(self, amplitude: float = 1.7159, slope: float = 2.0 / 3.0) -> None:
         super().__init__()
