@@ -1,0 +1,1 @@
+"""Understanding CNNs: receptive fields, attribution, visualisation, equivariance and position-information probes."""
