@@ -80,6 +80,49 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Every task's ci benchmark (--all), the side-by-side speed report (--speed), or both; floors checked."""
+    import logging
+
+    from cnnapps.bench_suite import check_floors, run_all
+    from cnnapps.data.root import find_data_root
+    from cnnapps.speed import run_speed
+
+    if not (args.all or args.speed):
+        raise ValueError("bench: say --all (every task's ci benchmark) and/or --speed")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
+    status = 0
+    if args.all:
+        records = run_all(find_data_root(args.data_dir), args.results, device=args.device, tasks=args.tasks or None)
+        for r in records:
+            print(f"{r['task']:12s} {r['monitor']} = {r['test'].get(r['monitor'])}  ({r['train_seconds']} s)")
+        failures = check_floors(records) if args.check_floors else []
+        for f in failures:
+            print(f"below floor: {f}", file=sys.stderr)
+        status = 1 if failures else 0
+    if args.speed:
+        root = None
+        try:
+            root = find_data_root(args.data_dir)
+        except FileNotFoundError:
+            pass
+        print(f"wrote {run_speed(args.device or 'cpu', root, args.results, quick=args.quick)}")
+    return status
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    """Best single checkpoint, ensemble, uniform soup and greedy soup, ranked on validation; results/soup.md."""
+    from cnnapps.data.root import find_data_root
+    from cnnapps.engine.averaging import soup_report, write_soup_report
+    from cnnapps.tasks import get_task
+
+    record = soup_report(get_task(args.task), args.checkpoints, find_data_root(args.data_dir), greedy=args.greedy)
+    for row in record["rows"]:
+        print(f"{row['candidate']:40s} val {row['val']:.4f}  test {row['test']:.4f}")
+    print(f"wrote {write_soup_report(record, args.results, args.name)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m cnnapps`` parser; every subcommand sets ``func``."""
     parser = argparse.ArgumentParser(prog="cnnapps", description="CNN backbones, tasks and tools.")
@@ -96,6 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the family's)")
     p.add_argument("--set", nargs="*", default=[], metavar="K=V", help="backbone keyword arguments, e.g. lrn=False")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("bench", help="every task's ci benchmark and/or the speed report, into results/")
+    p.add_argument("--all", action="store_true", help="run each task's tasks/<task>/ci.toml; write results/README.md")
+    p.add_argument("--speed", action="store_true", help="write results/speed.md (ours against torchvision, ...)")
+    p.add_argument("--quick", action="store_true", help="--speed with fewer models and repeats")
+    p.add_argument("--tasks", nargs="*", default=[], help="only these tasks (default: all installed)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: each config's)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--results", default=None, help="results folder (default: the checkout's results/)")
+    p.add_argument("--check-floors", action="store_true", help="exit 1 if a metric is below results/floors.toml")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("soup", help="uniform and greedy model soups of fine-tuned checkpoints (Wortsman et al. 2022)")
+    p.add_argument("--task", required=True)
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--greedy", action="store_true", help="also the greedy soup")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--results", default=None)
+    p.add_argument("--name", default="soup", help="results file stem")
+    p.set_defaults(func=cmd_soup)
 
     return parser
 
