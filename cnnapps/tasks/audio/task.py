@@ -82,7 +82,7 @@ class AudioConfig(TaskConfig):
     data: AudioDataConfig = field(default_factory=AudioDataConfig)
     model: AudioModelConfig = field(default_factory=AudioModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=12, batch_size=64, optimizer="adamw", lr=0.002, weight_decay=0.01, schedule="onecycle",
+        epochs=8, batch_size=64, optimizer="adamw", lr=0.002, weight_decay=0.01, schedule="onecycle",
         label_smoothing=0.05, threads=2))
 
 
