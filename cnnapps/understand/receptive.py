@@ -268,6 +268,16 @@ class StageRF:
         return tuple(a.stride for a in self.axes)
 
 
+def stage_outputs(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The stage maps that ``backbone.feature_info`` describes, shallow to deep: the forward output of a
+    ``features_only`` backbone (only its ``out_indices``), else ``forward_intermediates`` (every stage)."""
+    if getattr(backbone, "features_only", False):
+        return list(backbone(x))
+    if not hasattr(backbone, "forward_intermediates"):
+        raise TypeError(f"{type(backbone).__name__} has no forward_intermediates; pass a zoo backbone")
+    return backbone.forward_intermediates(x)
+
+
 def _example_input(model: nn.Module, input_shape: Sequence[int], device: torch.device | str,
                    dtype: torch.dtype = torch.float32, batch: int = 1) -> torch.Tensor:
     if not input_shape or any(int(s) <= 0 for s in input_shape):
@@ -290,7 +300,7 @@ def stage_receptive_fields(backbone: nn.Module, input_shape: Sequence[int]) -> l
     try:
         backbone.eval()
         with torch.no_grad(), trace_receptive_fields(x) as x:
-            outs = backbone.forward_intermediates(x)
+            outs = stage_outputs(backbone, x)
     finally:
         backbone.train(was_training)
     names = backbone.feature_info.module_name()
@@ -317,7 +327,11 @@ def layer_receptive_fields(model: nn.Module, input_shape: Sequence[int]) -> list
     device = first.device if first is not None else torch.device("cpu")
     x = _example_input(model, input_shape, device)
     rows: list[tuple[str, Geometry | None]] = []
-    handles = [m.register_forward_hook(lambda mod, i, o, q=q: rows.append((q, geometry_of(next(_iter_tensors(o), None)))))
+
+    def hook(_mod: nn.Module, _inputs: Any, out: Any, q: str) -> None:
+        rows.append((q, geometry_of(next(_iter_tensors(out), None))))
+
+    handles = [m.register_forward_hook(lambda mod, i, o, q=q: hook(mod, i, o, q))
                for q, m in model.named_modules() if q]
     was_training = model.training
     try:
@@ -334,7 +348,8 @@ def layer_receptive_fields(model: nn.Module, input_shape: Sequence[int]) -> list
 # ---------------------------------------------------------------- activation memory
 
 
-def saved_activation_bytes(model: nn.Module, input_shape: Sequence[int], batch: int = 2) -> tuple[dict[tuple[str, int], int], int]:
+def saved_activation_bytes(model: nn.Module, input_shape: Sequence[int],
+                           batch: int = 2) -> tuple[dict[tuple[str, int], int], int]:
     """Bytes autograd keeps for the backward pass, per sample: ``({(leaf module name, call number): bytes}, total)``.
 
     Measured with ``torch.autograd.graph.saved_tensors_hooks`` during one training-mode forward pass on the
@@ -476,7 +491,7 @@ def gradient_support(model: nn.Module, input_shape: Sequence[int], stage: int | 
     """The input box whose samples change one output unit: per spatial axis, the first and last input index where
     the gradient of that unit (summed over channels) is non-zero. The empirical counterpart of the analytic field.
 
-    ``stage``: a backbone stage index (``forward_intermediates``), or a list of them (one forward pass, a box per
+    ``stage``: a backbone stage index (into ``stage_outputs``), or a list of them (one forward pass, a box per
     stage: a list of boxes is returned); None: the model's output (B, C, *L'). ``unit``: the unit's position in
     the map (default: its centre). The gradient is taken in ``linearized_copy(model)`` with max pools run as
     average pools and an all-ones input, because a trained network's gradient support is only a subset of its
@@ -490,7 +505,7 @@ def gradient_support(model: nn.Module, input_shape: Sequence[int], stage: int | 
         if stages == [None]:
             outs = [lin(x)]
         else:
-            inter = lin.forward_intermediates(x)
+            inter = stage_outputs(lin, x)
             outs = [inter[i] for i in stages]
     boxes_per_stage = []
     for k, out in enumerate(outs):
@@ -513,7 +528,8 @@ def gradient_support(model: nn.Module, input_shape: Sequence[int], stage: int | 
     return boxes_per_stage if isinstance(stage, (list, tuple)) else boxes_per_stage[0]
 
 
-def analytic_support(axes: Geometry, input_shape: Sequence[int], unit: Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:
+def analytic_support(axes: Geometry, input_shape: Sequence[int],
+                     unit: Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:
     """The analytic counterpart of ``gradient_support``: the span of ``unit`` (default: the map's centre) per axis,
     clipped to the input ``input_shape`` (C, *L)."""
     lengths = input_shape[1:]
