@@ -31,7 +31,7 @@ def run_task_bench(task: Task, config: Path | None, data_root: Path, overrides: 
         wall = time.perf_counter() - t0
     history = result.history
     throughput = sum(h["samples_per_s"] for h in history) / max(len(history), 1)
-    extra: dict[str, Any] = task.bench_extra(cfg, data_root) if hasattr(task, "bench_extra") else {}
+    extra: dict[str, Any] = task.bench_extra(cfg, data_root)
     record = {
         "task": task.name, "config": str(Path(config).resolve().relative_to(REPO_ROOT))
         if Path(config).resolve().is_relative_to(REPO_ROOT) else str(config),

@@ -82,6 +82,10 @@ class Task:
     def predict_options(self, parser: Any) -> None:
         """Add task-specific ``predict`` flags to an argparse parser."""
 
+    def bench_extra(self, cfg: TaskConfig, data_root: Path) -> dict[str, Any]:
+        """Task-specific measurements that ``bench`` adds to the results file (pipeline throughput, ...)."""
+        return {}
+
     def report(self, run_dir: Path, metric: Metric, data: DataSplits) -> dict[str, str]:
         """Write plots for a finished evaluation into ``run_dir``; return {what: relative path}."""
         return {}

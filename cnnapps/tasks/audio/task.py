@@ -322,6 +322,14 @@ class AudioTask(Task):
             yield row
 
 
+    def bench_extra(self, cfg: AudioConfig, data_root: Path) -> dict[str, float]:
+        """Spectrograms per second of the front end on the CPU (batches of 64 clips of the config's length)."""
+        from cnnapps.tasks.audio.bench import frontend_throughput
+
+        fe = frontend_throughput(cfg)
+        return {"frontend_spectrograms_per_s": round(float(fe["spectrograms_per_s"]), 1),
+                "frontend_threads": fe["threads"]}
+
 @torch.inference_mode()
 def _predict_file(model: nn.Module, path: Path, sample_rate: int, clip: int, batch_size: int,
                   device: torch.device) -> tuple[torch.Tensor, int, int, float]:
