@@ -6,7 +6,7 @@ import logging
 import tomllib
 from pathlib import Path
 
-from cnnapps.engine.bench import run_key, run_task_bench
+from cnnapps.engine.bench import run_key, run_task_bench, table_row
 from cnnapps.engine.runinfo import REPO_ROOT, config_path
 from cnnapps.tasks import get_task, list_tasks
 
@@ -45,13 +45,8 @@ def write_summary(records: list[dict], results_dir: Path) -> Path:
              "small-subset (ci) benchmark; the per-task files beside this one hold every metric and the config.", "",
              "| task | data set | metric | value | training time (s) | train samples/s | device | commit | time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in records:
-        value = r["test"].get(r["monitor"])
-        lines.append(f"| {r['task']} | {_dataset_of(r)} | {r['monitor']} | "
-                     f"{value:.4f} | {r['train_seconds']} | {r['train_samples_per_s']} | {r['machine']} | "
-                     f"{r['commit']} | {r['time_utc']} |" if isinstance(value, float) else
-                     f"| {r['task']} | {_dataset_of(r)} | {r['monitor']} | n/a | {r['train_seconds']} | "
-                     f"{r['train_samples_per_s']} | {r['machine']} | {r['commit']} | {r['time_utc']} |")
+    lines += [table_row([r["task"], _dataset_of(r), r["monitor"], r["test"].get(r["monitor"]), r["train_seconds"],
+                         r["train_samples_per_s"], r["machine"], r["commit"], r["time_utc"]]) for r in records]
     path = Path(results_dir) / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -63,6 +63,12 @@ def write_run(record: dict, results_dir: Path, name: str) -> Path:
     return md_path
 
 
+def table_row(cells: list) -> str:
+    """A Markdown table row; floats with four decimals, a missing value as n/a."""
+    return "| " + " | ".join("n/a" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c)
+                             for c in cells) + " |"
+
+
 def format_markdown(doc: dict) -> str:
     """The human-readable twin of a task's results JSON: a summary table, then one section per config."""
     task, runs = doc["task"], sorted(doc["runs"].values(), key=lambda r: r["time_utc"])
@@ -71,12 +77,8 @@ def format_markdown(doc: dict) -> str:
              "per config; `ci` is the small-subset benchmark that CI repeats.", "",
              "| config | monitor | test value | training time (s) | epochs | machine | commit | time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in runs:
-        v = r["test"].get(r["monitor"])
-        lines.append(f"| `{r['config']}` | {r['monitor']} | {v:.4f} | {r['train_seconds']} | {r['epochs']} | "
-                     f"{r['machine']} | {r['commit']} | {r['time_utc']} |" if isinstance(v, (int, float)) else
-                     f"| `{r['config']}` | {r['monitor']} | n/a | {r['train_seconds']} | {r['epochs']} | "
-                     f"{r['machine']} | {r['commit']} | {r['time_utc']} |")
+    lines += [table_row([f"`{r['config']}`", r["monitor"], r["test"].get(r["monitor"]), r["train_seconds"],
+                         r["epochs"], r["machine"], r["commit"], r["time_utc"]]) for r in runs]
     for r in runs:
         lines += ["", f"## `{r['config']}`", "", "| fact | value |", "| --- | --- |"]
         for key in ("machine", "device", "commit", "time_utc", "torch", "wall_seconds", "train_seconds", "epochs",

@@ -1,0 +1,40 @@
+"""bench: results files with one section per config, the summary table, and floors that fail."""
+from __future__ import annotations
+
+import json
+
+from cnnapps.bench_suite import check_floors, write_summary
+from cnnapps.engine.bench import run_task_bench
+from cnnapps.tasks.classify.task import ClassifyTask
+from conftest import REPO
+
+
+def test_bench_writes_a_section_per_config_and_keeps_others(tmp_path, data_root):
+    sets = ["data.train_subset=320", "data.test_subset=128", "train.epochs=1", "train.max_steps_per_epoch=2"]
+    md = run_task_bench(ClassifyTask(), REPO / "tasks/classify/ci.toml", data_root, overrides=sets,
+                        results_dir=tmp_path, quiet=True)
+    run_task_bench(ClassifyTask(), REPO / "tasks/classify/mnist_lenet5.toml", data_root, overrides=sets,
+                   results_dir=tmp_path, quiet=True)
+    doc = json.loads(md.with_suffix(".json").read_text())
+    assert set(doc["runs"]) == {"ci", "mnist_lenet5"}
+    run = doc["runs"]["ci"]
+    for key in ("machine", "commit", "time_utc", "train_seconds", "train_samples_per_s"):
+        assert run[key], key
+    assert run["test"]["examples"] == 128 and 0 <= run["test"]["accuracy"] <= 1
+    text = md.read_text()
+    assert "## `tasks/classify/ci.toml`" in text and "## `tasks/classify/mnist_lenet5.toml`" in text
+
+    summary = write_summary([run], tmp_path).read_text()
+    assert f"| classify | mnist | accuracy | {run['test']['accuracy']:.4f} |" in summary
+
+
+def test_floors_fail_on_a_drop(tmp_path):
+    floors = tmp_path / "floors.toml"
+    floors.write_text("[classify]\naccuracy = 0.97\n")
+    ok = {"task": "classify", "test": {"accuracy": 0.98}}
+    low = {"task": "classify", "test": {"accuracy": 0.90}}
+    missing = {"task": "classify", "test": {}}
+    assert check_floors([ok], floors) == []
+    assert "below its floor 0.97" in check_floors([low], floors)[0]
+    assert check_floors([missing], floors)
+    assert check_floors([{"task": "other", "test": {}}], floors) == []
