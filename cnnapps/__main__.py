@@ -123,6 +123,104 @@ def cmd_soup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _understand_errors(fn: Any, *args: Any, **kw: Any) -> Any:
+    """Run an understand command; a missing or foreign checkpoint or data folder becomes a one-line error."""
+    from cnnapps.engine.checkpoint import CheckpointError
+
+    try:
+        return fn(*args, **kw)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Attribution maps of a task checkpoint for input files: overlays, ECG strips, spectrograms; JSON lines."""
+    import json
+
+    from cnnapps.understand.cli import run_explain
+
+    rows = _understand_errors(run_explain, args.checkpoint, args.inputs, args.method, args.out, stage=args.stage,
+                              target=args.target, steps=args.steps, window=args.window, device=args.device,
+                              start_s=args.start, max_seconds=args.seconds, lead=args.lead)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    """First-layer filters, activation maximisation or top-k patches of a task checkpoint."""
+    import json
+
+    from cnnapps.understand.cli import run_visualize
+
+    row = _understand_errors(run_visualize, args.checkpoint, args.out, what=args.what, stage=args.stage,
+                             channel=args.channel, target=args.target, k=args.k, steps=args.steps, split=args.split,
+                             data_dir=args.data_dir, max_examples=args.max_examples, device=args.device)
+    print(json.dumps(row))
+    return 0
+
+
+def cmd_understand_report(args: argparse.Namespace) -> int:
+    """Position-information and equivariance probes plus pictures: results/understanding.md/.json."""
+    from cnnapps.understand.report import write_report
+
+    path = _understand_errors(write_report, results_dir=args.results, data_dir=args.data_dir, quick=args.quick,
+                              cache_dir=args.cache, classify_checkpoint=args.classify_checkpoint,
+                              ecg_checkpoint=args.ecg_checkpoint)
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    return 0
+
+
+def add_understand_parsers(sub: Any) -> None:
+    """The sub-parsers of ``explain``, ``visualize`` and ``understand-report`` (issue #8)."""
+    from cnnapps.understand.attribution import METHODS
+    from cnnapps.understand.cli import VISUALS
+
+    p = sub.add_parser("explain", help="attribution maps of a task checkpoint for images, ECG records or audio files")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint any task wrote (it names its task)")
+    p.add_argument("inputs", nargs="+", help="image files, WFDB record paths or audio files")
+    p.add_argument("--method", default="gradcam", choices=METHODS)
+    p.add_argument("--out", required=True, help="folder for the PNGs, raw maps and explain.jsonl")
+    p.add_argument("--stage", type=int, default=None,
+                   help="Grad-CAM: backbone stage index (default: the deepest whose map is wider than one unit)")
+    p.add_argument("--target", default=None,
+                   help="class index or name (default: the prediction; ECG: each predicted rhythm in turn)")
+    p.add_argument("--steps", type=int, default=32, help="integrated gradients: points on the path")
+    p.add_argument("--window", type=int, default=None,
+                   help="occlusion window in samples (default: 1/8 of the image side, 0.25 s of ECG)")
+    p.add_argument("--start", type=float, default=0.0, help="ECG: first second to explain")
+    p.add_argument("--seconds", type=float, default=30.0, help="ECG: seconds to explain (0: the whole record)")
+    p.add_argument("--lead", default=None, help="ECG: signal name to read (default: the training lead)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("visualize", help="first-layer filters, activation maximisation, top-k patches")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--what", default="filters", choices=VISUALS)
+    p.add_argument("--stage", type=int, default=None, help="stage index (topk default: the middle stage)")
+    p.add_argument("--channel", type=int, default=None,
+                   help="channel of --stage (maximize: a channel instead of classes; topk default 0)")
+    p.add_argument("--target", default=None, help="maximize: one class (index or name; default: up to 10 classes)")
+    p.add_argument("--k", type=int, default=16, help="topk: patches to show")
+    p.add_argument("--steps", type=int, default=64, help="maximize: gradient-ascent steps")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="topk: which data split")
+    p.add_argument("--max-examples", type=int, default=512, help="topk: examples to scan")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("understand-report", help="results/understanding.md: position information, equivariance, "
+                       "pictures")
+    p.add_argument("--results", default=None, help="results folder (default: the checkout's results/)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache", default=None, help="where trained probe backbones are kept (default: the cache dir)")
+    p.add_argument("--quick", action="store_true", help="tiny probe (seconds): for tests, not for results")
+    p.add_argument("--classify-checkpoint", default=None, help="image model for Grad-CAM (default: train ci)")
+    p.add_argument("--ecg-checkpoint", default=None, help="ECG model for the strip (default: train ci)")
+    p.set_defaults(func=cmd_understand_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m cnnapps`` parser; every subcommand sets ``func``."""
     parser = argparse.ArgumentParser(prog="cnnapps", description="CNN backbones, tasks and tools.")
@@ -160,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="soup", help="results file stem")
     p.set_defaults(func=cmd_soup)
 
+    add_understand_parsers(sub)
     return parser
 
 
