@@ -1,0 +1,163 @@
+"""Safe image and mask reading for the image tasks, and a prepared-array cache so an epoch decodes no JPEG.
+
+The reading API is small on purpose (other tasks import it):
+
+- ``read_image(path) -> np.ndarray`` of shape (H, W, 3), uint8, RGB;
+- ``read_mask(path, expected_hw=None) -> np.ndarray`` of shape (H, W), integer label or instance ids;
+- both raise ``ImageReadError`` (a ``ValueError``) whose message starts with the file's path; a mask whose size
+  differs from its image raises the subclass ``MaskSizeError``.
+
+Pixels are returned as stored: EXIF orientation is not applied, so an image and its mask stay aligned.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+# Everything PIL raises for a file that is missing, truncated, not an image or absurdly large.
+_PIL_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+               Image.DecompressionBombWarning)
+
+
+class ImageReadError(ValueError):
+    """An image or mask file cannot be used; the message names the file and says why."""
+
+
+class MaskSizeError(ImageReadError):
+    """A mask's (H, W) differs from its image's; the message names the mask and both sizes."""
+
+
+def _open_fully(path: Path) -> Image.Image:
+    """Open and decode ``path`` completely (PIL is lazy: a truncated JPEG only fails at ``load``)."""
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            im.load()
+        return im
+    except _PIL_ERRORS as exc:
+        raise ImageReadError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The image at ``path`` as RGB: (H, W, 3) uint8. Grey, palette and RGBA images are converted (alpha is
+    dropped). Raises ImageReadError naming the file if it is missing, truncated or not an image."""
+    path = Path(path)
+    im = _open_fully(path)
+    try:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except _PIL_ERRORS as exc:
+        raise ImageReadError(f"{path}: cannot convert mode {im.mode} to RGB ({exc})") from None
+    finally:
+        im.close()
+
+
+def read_mask(path: str | os.PathLike, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """The label mask at ``path``: (H, W), uint8 for 8-bit masks (``L``, ``P``, ``1``), int32 for 16/32-bit ones.
+
+    Values are returned as stored (palette indices for ``P`` images, not colours), e.g. Penn-Fudan's 0 for
+    background and k for instance k. An RGB mask is accepted only when its three channels are equal. With
+    ``expected_hw`` (the image's (height, width)) a mask of another size is a MaskSizeError naming the file.
+    """
+    path = Path(path)
+    im = _open_fully(path)
+    try:
+        if im.mode in ("L", "P"):
+            mask = np.asarray(im, dtype=np.uint8)
+        elif im.mode == "1":
+            mask = np.asarray(im, dtype=np.uint8)
+        elif im.mode in ("I", "I;16", "I;16B", "I;16L"):
+            mask = np.asarray(im).astype(np.int32)
+        elif im.mode in ("RGB", "RGBA", "LA"):
+            rgb = np.asarray(im.convert("RGB"))
+            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                raise ImageReadError(f"{path}: mask has colour (mode {im.mode}); expected one label per pixel "
+                                     "(a greyscale or palette PNG)")
+            mask = rgb[..., 0].copy()
+        else:
+            raise ImageReadError(f"{path}: unsupported mask mode {im.mode}")
+    finally:
+        im.close()
+    if expected_hw is not None and tuple(mask.shape) != tuple(expected_hw):
+        raise MaskSizeError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} (HxW) but its image is "
+                             f"{expected_hw[0]}x{expected_hw[1]}")
+    return mask
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 with ``size`` = side or (h, w); bilinear with antialiasing (PIL)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """(H, W) labels -> (h, w) with nearest-neighbour sampling, so no label is invented at a boundary."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if mask.shape[:2] == (h, w):
+        return mask
+    mode = "L" if mask.dtype == np.uint8 else "I"
+    src = mask if mode == "L" else mask.astype(np.int32)
+    return np.asarray(Image.fromarray(src, mode=mode).resize((w, h), Image.NEAREST)).astype(mask.dtype)
+
+
+# ---------------------------------------------------------------- prepared-array caches
+
+
+def files_fingerprint(files: Iterable[Path], extra: str = "") -> str:
+    """A 16-hex key that changes when any file's path, size or modification time changes, or ``extra`` does.
+    Missing files count too (as missing), so a cache notices a file appearing."""
+    h = hashlib.sha256(extra.encode())
+    for f in files:
+        try:
+            st = Path(f).stat()
+            h.update(f"{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}:missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cached_arrays(folder: Path, build: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays (memory-mapped, read-only) and a JSON index kept in ``folder``; ``build()`` makes them on the first
+    call. The folder appears atomically (built beside it, then renamed), so a killed build leaves no half cache.
+    ``folder``'s name should carry a fingerprint of the sources (``files_fingerprint``) so a change rebuilds."""
+    folder = Path(folder)
+    index_path = folder / "index.json"
+    if not index_path.is_file():
+        arrays, index = build()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            for name, arr in arrays.items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
+            (tmp / "index.json").write_text(json.dumps({**index, "arrays": sorted(arrays)}, indent=1))
+            try:
+                tmp.rename(folder)
+            except OSError:  # another process finished the same cache first: keep theirs
+                if not index_path.is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("prepared cache %s", folder)
+    index = json.loads(index_path.read_text())
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in index.pop("arrays")}
+    return arrays, index
