@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnapps.engine.config import dumps_toml, load_config, to_dict
-from cnnapps.engine.runinfo import REPO_ROOT, config_path, run_facts
+from cnnapps.engine.runinfo import REPO_ROOT, config_path, load_average, run_facts
 from cnnapps.engine.trainer import fit, resolve_device
 from cnnapps.tasks.base import Task
 
@@ -36,7 +36,7 @@ def run_task_bench(task: Task, config: Path | None, data_root: Path, overrides: 
         "task": task.name, "config": str(Path(config).resolve().relative_to(REPO_ROOT))
         if Path(config).resolve().is_relative_to(REPO_ROOT) else str(config),
         "overrides": overrides or [], **facts,
-        "wall_seconds": round(wall, 2), "train_seconds": round(result.train_seconds, 2),
+        "load_at_end": load_average(), "wall_seconds": round(wall, 2), "train_seconds": round(result.train_seconds, 2),
         "epochs": result.epochs_run, "train_samples_per_s": round(throughput, 2),
         "monitor": cfg.train.monitor or task.monitor, "test": result.test_metrics, "extra": extra,
         "resolved_config": to_dict(cfg),
@@ -81,9 +81,10 @@ def format_markdown(doc: dict) -> str:
                          r["epochs"], r["machine"], r["commit"], r["time_utc"]]) for r in runs]
     for r in runs:
         lines += ["", f"## `{r['config']}`", "", "| fact | value |", "| --- | --- |"]
-        for key in ("machine", "device", "commit", "time_utc", "torch", "wall_seconds", "train_seconds", "epochs",
-                    "train_samples_per_s", "monitor"):
-            lines.append(f"| {key} | {r[key]} |")
+        for key in ("machine", "device", "commit", "time_utc", "torch", "load_at_start", "load_at_end",
+                    "wall_seconds", "train_seconds", "epochs", "train_samples_per_s", "monitor"):
+            if key in r:  # records from before the load was recorded lack it
+                lines.append(f"| {key} | {r[key]} |")
         if r["overrides"]:
             lines.append(f"| overrides | {' '.join(r['overrides'])} |")
         lines += ["", "Test split:", "", "| metric | value |", "| --- | --- |"]

@@ -42,9 +42,19 @@ def machine_description(device: torch.device | str = "cpu") -> str:
     return f"cpu: {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def load_average() -> str:
+    """The 1-minute load average against the core count, e.g. ``4.1 on 2 cores``: timings taken while other
+    jobs share the cores are slower, and results say so."""
+    try:
+        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
+
+
 def run_facts(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Machine, commit, UTC time and versions, for results files."""
+    """Machine, commit, UTC time, versions and the machine's load at that moment, for results files."""
     return {"machine": machine_description(device), "device": str(device), "commit": git_commit(),
+            "load_at_start": load_average(),
             "time_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "torch": torch.__version__, "python": platform.python_version()}
 
