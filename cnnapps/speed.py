@@ -162,7 +162,8 @@ def format_speed(r: dict) -> str:
              "Written by `python -m cnnapps bench --speed` - do not edit by hand. Each number is the median of "
              f"{r['repeats']} timed calls after 2 warm-up calls, ours and torchvision's measured back to back in one "
              "process. A ratio above 1.0 means ours is faster.", "",
-             f"machine: {r['machine']}; commit: {r['commit']}; time: {r['time_utc']}; torch {r['torch']}", "",
+             f"machine: {r['machine']} (load {r['load_at_start']}); commit: {r['commit']}; time: {r['time_utc']}; "
+             f"torch {r['torch']}", "",
              "## Backbones against torchvision", "",
              "| model | mode | variant | input | ours (images/s) | torchvision (images/s) | ratio |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
