@@ -102,16 +102,16 @@ def hannun_throughput(device: torch.device, repeats: int, window: int = 8192, ba
     return rows
 
 
-def conv_vs_matmul(device: torch.device, repeats: int) -> dict:
-    """Achieved GFLOP/s of a 3x3 convolution (64->64 channels, 56x56, batch 8) and of a 2048^2 matmul."""
+def conv_vs_matmul(device: torch.device, repeats: int, hw: int = 56, n: int = 2048) -> dict:
+    """Achieved GFLOP/s of a 3x3 convolution (64->64 channels, hw x hw, batch 8) and of an n x n matmul."""
     conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device)
-    x = torch.randn(8, 64, 56, 56, device=device)
+    x = torch.randn(8, 64, hw, hw, device=device)
     with torch.inference_mode():
         t_conv = _time_it(lambda: conv(x), repeats)
-    conv_flops = 2 * 8 * 64 * 64 * 9 * 56 * 56
-    a = torch.randn(2048, 2048, device=device)
+    conv_flops = 2 * 8 * 64 * 64 * 9 * hw * hw
+    a = torch.randn(n, n, device=device)
     t_mm = _time_it(lambda: a @ a, repeats)
-    mm_flops = 2 * 2048 ** 3
+    mm_flops = 2 * n ** 3
     return {"conv3x3_gflops": round(conv_flops / t_conv / 1e9, 2), "matmul_gflops": round(mm_flops / t_mm / 1e9, 2),
             "conv_fraction_of_matmul": round((conv_flops / t_conv) / (mm_flops / t_mm), 3)}
 
