@@ -119,6 +119,34 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(src, mode=mode).resize((w, h), Image.NEAREST)).astype(mask.dtype)
 
 
+def channel_stats(images: np.ndarray, chunk: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units of uint8 images (N, H, W, C), accumulated in chunks (memmaps
+    need not fit in memory as floats)."""
+    c = images.shape[-1]
+    total, total_sq, n = np.zeros(c), np.zeros(c), 0
+    for i in range(0, len(images), chunk):
+        x = np.asarray(images[i:i + chunk], dtype=np.float64) / 255.0
+        total += x.sum(axis=(0, 1, 2))
+        total_sq += (x ** 2).sum(axis=(0, 1, 2))
+        n += x.shape[0] * x.shape[1] * x.shape[2]
+    if n == 0:
+        raise ValueError("channel_stats of an empty image set")
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean ** 2, 1e-6))
+    return mean.tolist(), std.tolist()
+
+
+def picture_path(out: str | os.PathLike | None, source: str | os.PathLike, suffix: str, single: bool) -> Path:
+    """Where a ``predict`` picture for input ``source`` goes: ``out`` itself when it names a .png and there is one
+    input, else ``out/<stem><suffix>.png`` (``out`` defaulting to ./predictions). Creates the folder."""
+    out = Path(out) if out is not None else Path("predictions")
+    if out.suffix.lower() == ".png" and single:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{Path(source).stem}{suffix}.png"
+
+
 # ---------------------------------------------------------------- prepared-array caches
 
 
