@@ -1,0 +1,184 @@
+"""Semantic segmentation mode: Penn-Fudan person vs background (or a folder of class-id masks), an FCN or U-Net
+decoder on any 2D backbone, cross-entropy with an optional Dice term, IoU/Dice/pixel accuracy."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnapps.data.augment import ImageAugment
+from cnnapps.data.images import ImageReadError, channel_stats, picture_path, read_image, resize_image
+from cnnapps.engine.config import ConfigError
+from cnnapps.engine.trainer import unwrap
+from cnnapps.heads.segmentation import DECODERS, SegmentationNet, create_decoder
+from cnnapps.metrics.segmentation import IGNORE_INDEX, SegmentationMetrics
+from cnnapps.tasks.base import DataSplits
+from cnnapps.tasks.segment.config import SegmentConfig, SegmentData
+from cnnapps.tasks.segment.data import NO_OBJECTS, SemanticImages, find_pairs, load_semantic, split_stems
+from cnnapps.tasks.segment.modes import SegmentMode
+
+log = logging.getLogger(__name__)
+
+
+def resolve_folder(cfg: SegmentConfig, data_root: Path) -> Path:
+    """The data folder of ``cfg.data`` (Penn-Fudan under the data root, or a user's folder)."""
+    d = cfg.data
+    if d.dataset == "pennfudan":
+        return Path(data_root) / "pennfudan"
+    if d.dataset == "folder":
+        p = Path(d.path) if d.path else Path(data_root)
+        return p if p.is_absolute() or p.exists() else Path(data_root) / p
+    raise ConfigError(f"data.dataset: unknown {d.dataset!r} (pennfudan, folder)")
+
+
+def augment_pair(x: torch.Tensor, mask: torch.Tensor, d: SegmentData, num_classes: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random geometry for normalised images (B, 3, H, W) and their class-id masks (B, H, W), colour
+    jitter for the images only. The masks travel as one-hot channels plus a "valid" channel through the one
+    batched warp; pixels the warp brings in from outside the image become ``IGNORE_INDEX``."""
+    geometry = ImageAugment(crop_scale=d.crop_scale, translate=d.translate, rotation=d.rotation, hflip=d.hflip)
+    if geometry.active:
+        valid = mask != IGNORE_INDEX
+        onehot = F.one_hot(torch.where(valid, mask, 0).long(), num_classes).permute(0, 3, 1, 2).to(x.dtype)
+        stacked = geometry(torch.cat([x, onehot * valid[:, None], valid[:, None].to(x.dtype)], 1))
+        x, scores, inside = stacked[:, :3], stacked[:, 3:-1], stacked[:, -1]
+        mask = torch.where(inside > 0.5, scores.argmax(1), IGNORE_INDEX)
+    if d.color_jitter:
+        x = ImageAugment(color_jitter=d.color_jitter)(x)
+    return x, mask
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """1 - soft Dice of the non-background classes (1..K-1), averaged over them, over the whole batch.
+    ``logits`` (B, K, H, W), ``target`` (B, H, W) class ids; ignored pixels count for nothing."""
+    k = logits.shape[1]
+    valid = (target != ignore_index)
+    prob = logits.float().softmax(1) * valid[:, None]
+    onehot = F.one_hot(torch.where(valid, target, 0).long(), k).permute(0, 3, 1, 2).float() * valid[:, None]
+    dims = (0, 2, 3)
+    inter = (prob * onehot).sum(dims)[1:]
+    total = (prob.sum(dims) + onehot.sum(dims))[1:]
+    return 1 - ((2 * inter + 1.0) / (total + 1.0)).mean()
+
+
+class SemanticMode(SegmentMode):
+    name = "semantic"
+    monitor = "mIoU"
+
+    def build_data(self, cfg: SegmentConfig, data_root: Path, state: dict | None = None,
+                   split: str | None = None) -> DataSplits:
+        d = cfg.data
+        size = int(state["image_size"]) if state else d.image_size
+        names = list(state["class_names"]) if state else list(d.class_names)
+        if len(names) < 2:
+            raise ConfigError(f"data.class_names needs background and at least one class, got {names}")
+        folder = resolve_folder(cfg, data_root)
+        pairs = find_pairs(folder)
+        arrays = load_semantic(pairs, size, d.mask_values, len(names), d.dataset)
+        row_of = {s: i for i, s in enumerate(arrays.stems)}
+        if split == "all":
+            parts = {"train": [], "val": [], "test": list(arrays.stems)}
+        else:
+            parts = split_stems([p.stem for p in pairs], d.val_count, d.test_count, d.split_seed, d.train_subset)
+        rows = {k: [row_of[s] for s in v if s in row_of] for k, v in parts.items()}
+        if split != "all" and not rows["train"]:
+            raise ConfigError(f"{folder}: no usable training image left after the split")
+        skipped = {k: v for k, v in arrays.counts.items() if k != NO_OBJECTS}
+        if state:
+            new_state = dict(state)
+        else:
+            mean, std = channel_stats(arrays.images[np.sort(rows["train"])])
+            new_state = {"mode": "semantic", "class_names": names, "image_size": size, "mean": mean, "std": std,
+                         "dataset": d.dataset, "split_seed": d.split_seed,
+                         "split_sizes": {k: len(v) for k, v in rows.items()},
+                         "images_without_objects": int(arrays.counts.get(NO_OBJECTS, 0))}
+        if arrays.counts.get(NO_OBJECTS):
+            log.info("%d image(s) with no objects kept as all background", arrays.counts[NO_OBJECTS])
+        log.info("segment %s: %d train, %d val, %d test images at %dpx", d.dataset, len(rows["train"]),
+                 len(rows["val"]), len(rows["test"]), size)
+
+        def ds(key: str) -> SemanticImages | None:
+            return SemanticImages(arrays.images, arrays.masks, rows[key]) if rows[key] else None
+
+        return DataSplits(train=ds("train"), val=ds("val"), test=ds("test"), state=new_state, skipped=skipped)
+
+    def build_model(self, cfg: SegmentConfig, data: DataSplits) -> nn.Module:
+        from cnnapps.backbones import backbone_info, create_backbone
+
+        m = cfg.model
+        if backbone_info(m.backbone).dim != 2:
+            raise ConfigError(f"model.backbone: {m.backbone} is not a 2D backbone")
+        if m.decoder not in DECODERS:
+            raise ConfigError(f"model.decoder: unknown {m.decoder!r} ({', '.join(DECODERS)})")
+        s = data.state
+        backbone = create_backbone(m.backbone, features_only=True, in_chans=3, **m.kwargs)
+        kw: dict[str, Any] = {"channels": m.decoder_channels, "drop": m.drop}
+        if m.decoder == "fcn":
+            kw["skips"] = m.fcn_skips
+        decoder = create_decoder(m.decoder, backbone.feature_info, len(s["class_names"]), **kw)
+        return SegmentationNet(backbone, decoder, s["mean"], s["std"])
+
+    def step(self, model: nn.Module, batch: Any, cfg: SegmentConfig) -> dict[str, Any]:
+        net = unwrap(model)
+        x = net.prepare(batch["x"])
+        mask = batch["mask"].long()
+        d = cfg.data
+        if model.training and d.augment:
+            x, mask = augment_pair(x, mask, d, net.decoder.num_classes)
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), mask, ignore_index=IGNORE_INDEX)
+        if cfg.model.dice_weight:
+            loss = loss + cfg.model.dice_weight * dice_loss(logits, mask)
+        return {"loss": loss, "output": logits}
+
+    def metrics(self, cfg: SegmentConfig, data: DataSplits) -> SegmentationMetrics:
+        return SegmentationMetrics(data.state["class_names"])
+
+    def report(self, run_dir: Path, metric: SegmentationMetrics, data: DataSplits) -> dict[str, str]:
+        from cnnapps.engine.plots import plot_confusion
+        from cnnapps.tasks.segment.plots import plot_examples
+
+        art = metric.artifacts()
+        plot_confusion(art["confusion"], art["class_names"], run_dir / "pixel_confusion.png",
+                       "test pixels: confusion (rows: true)")
+        plot_examples(art["examples"], art["class_names"], run_dir / "examples.png")
+        (run_dir / "data_summary.json").write_text(json.dumps(
+            {"split_sizes": data.state.get("split_sizes"), "skipped": data.skipped,
+             "images_without_objects": data.state.get("images_without_objects", 0)}, indent=2) + "\n")
+        return {"pixel confusion": "pixel_confusion.png", "test examples": "examples.png",
+                "data summary": "data_summary.json"}
+
+    def predict(self, model: nn.Module, inputs: list[str], state: dict, cfg: SegmentConfig, device: torch.device,
+                out_dir: Path | None = None, alpha: float = 0.5, **kw: Any) -> Iterator[dict]:
+        """Per image: the overlay PNG of the predicted classes on the original image, and each non-background
+        class's fraction of the pixels (``person_fraction`` on Penn-Fudan)."""
+        from cnnapps.tasks.segment.plots import save_overlay
+
+        names = list(state["class_names"])
+        size = int(state["image_size"])
+        net = unwrap(model)
+        for path in inputs:
+            try:
+                img = read_image(path)
+            except ImageReadError as exc:
+                yield {"input": path, "error": str(exc)}
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(resize_image(img, size).transpose(2, 0, 1)))[None]
+            with torch.inference_mode():
+                logits = model(net.prepare(x.to(device))).float()
+                # back to the photo's own size before the argmax: smooth boundaries, one label per pixel
+                labels = F.interpolate(logits, size=img.shape[:2], mode="bilinear", align_corners=False)
+                labels = labels.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            target = picture_path(out_dir, path, "_overlay", len(inputs) == 1)
+            save_overlay(img, labels, len(names), target, alpha)
+            row: dict[str, Any] = {"input": path, "overlay": str(target)}
+            for k, name in enumerate(names[1:], 1):
+                row[f"{name}_fraction"] = round(float((labels == k).mean()), 4)
+            yield row
