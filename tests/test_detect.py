@@ -82,6 +82,11 @@ def test_fpn_adapter_maps_names_and_strides():
                                        64, "p6p7")(torch.rand(1, 3, 128, 128))) == ["0", "1", "2", "p6", "p7"]
     with pytest.raises(ValueError, match="features_only"):
         FeaturePyramidBackbone(create_backbone("resnet18", num_classes=3), 64)
+    # a deep copy (EMA's AveragedModel makes one) runs its own copied layers, not the original's
+    import copy
+
+    twin = copy.deepcopy(fpn)
+    assert twin.body.conv1 is twin.conv1 and twin.conv1 is not fpn.conv1
 
 
 def test_torchvision_resnet18_weights_file_loads_into_the_detector(tmp_path):
