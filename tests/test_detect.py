@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cnnapps.backbones import create_backbone
+from cnnapps.data.images import MaskSizeError
 from cnnapps.engine.checkpoint import load_matching_weights, save_checkpoint
 from cnnapps.engine.config import load_config
 from cnnapps.engine.trainer import _stage_boundary, fit
@@ -241,7 +242,7 @@ def test_mask_of_another_size_is_an_error_naming_it(tmp_path, data_root):
     mask_path = root / "pennfudan/masks" / f"{stems[2]}_mask.png"
     with Image.open(mask_path) as m:
         m.resize((m.width // 2, m.height // 2), Image.NEAREST).save(mask_path)
-    with pytest.raises(DetectionDataError, match=f"{stems[2]}_mask.png: mask size .* differs from its image"):
+    with pytest.raises(MaskSizeError, match=f"{stems[2]}_mask.png: mask is .* but its image is"):
         DetectTask().build_data(_cfg("model.arch=maskrcnn"), root)
     DetectTask().build_data(_cfg(), root)  # boxes only: the mask is not read
 

@@ -14,7 +14,7 @@ Conventions (also in the README section of the detect task):
 - An unreadable image, or an annotation whose image file is missing, skips that image and is counted in
   ``DataSplits.skipped`` (each file is named in a warning). A mask whose size differs from its image, a mask file
   whose instance count differs from the boxes, or an annotation file that is not valid JSON of the expected shape
-  is an error naming the file.
+  is an error naming the file (images and masks are read with ``cnnapps.data.images``).
 - "Ignored" boxes take no part in training and neither match nor count as misses in evaluation (pycocotools'
   crowd mechanism): COCO ``iscrowd`` objects, and VOC-mini boxes of a class listed in the image's
   ``difficult_labels`` (the export lost the per-box difficult flag, but a class that is present *only* as difficult
@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from cnnapps.data import cache_dir
+from cnnapps.data.images import ImageReadError, read_image, read_mask, resize_image, resize_mask
 from cnnapps.data.root import DataNotFoundError, require_path
 
 log = logging.getLogger(__name__)
@@ -246,17 +246,15 @@ def stored_scale(height: int, width: int, min_size: int, max_size: int) -> float
     return min(1.0, min_size / min(height, width), max_size / max(height, width))
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """The image at ``path`` as a fully decoded RGB PIL image; UnreadableImageError naming the file if it cannot be
-    decoded, DataNotFoundError if absent."""
+def read_rgb(path: Path) -> np.ndarray:
+    """The image at ``path``, fully decoded: (H, W, 3) uint8 RGB. DataNotFoundError if absent (an annotation whose
+    image is missing), UnreadableImageError naming the file if it cannot be decoded."""
     if not path.is_file():
         raise DataNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not mid-epoch
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImageError(f"{path}: unreadable image ({exc})") from None
+        return read_image(path)
+    except ImageReadError as exc:
+        raise UnreadableImageError(str(exc)) from None
 
 
 def _instance_masks(img: SourceImage, height: int, width: int) -> np.ndarray:
@@ -265,14 +263,7 @@ def _instance_masks(img: SourceImage, height: int, width: int) -> np.ndarray:
     if img.mask_file is not None:
         if not img.mask_file.is_file():
             raise DataNotFoundError(f"mask file not found: {img.mask_file} (for {img.path})")
-        try:
-            with Image.open(img.mask_file) as m:
-                ids = np.asarray(m.convert("L") if m.mode not in ("L", "P", "I", "I;16") else m)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DetectionDataError(f"{img.mask_file}: unreadable mask ({exc})") from None
-        if ids.shape != (height, width):
-            raise DetectionDataError(f"{img.mask_file}: mask size {ids.shape[1]}x{ids.shape[0]} differs from its image "
-                                     f"{img.path.name} ({width}x{height})")
+        ids = read_mask(img.mask_file, expected_hw=(height, width))  # MaskSizeError naming the mask file
         present = int(ids.max()) if ids.size else 0
         if present != n:
             raise DetectionDataError(f"{img.mask_file}: {present} instances but {n} boxes for {img.path.name}")
@@ -345,13 +336,12 @@ def _fingerprint(source: Source, min_size: int, max_size: int, masks: bool) -> s
 def _prepare_one(img: SourceImage, min_size: int, max_size: int, masks: bool,
                  counts: Counter) -> tuple[np.ndarray, dict]:
     """Decode and shrink one image; check and rescale its boxes (and masks). Returns (CHW uint8, record fields)."""
-    im = read_rgb(img.path)
-    width, height = im.size
+    image = read_rgb(img.path)
+    height, width = image.shape[:2]
     inst = _instance_masks(img, height, width) if masks else None
     scale = stored_scale(height, width, min_size, max_size)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        im = im.resize((new_w, new_h), Image.BILINEAR)
+    image = resize_image(image, (new_h, new_w))
     sx, sy = new_w / width, new_h / height
     boxes, labels, ignore, keep = [], [], [], []
     for k, ((x1, y1, x2, y2), label, ign) in enumerate(zip(img.boxes, img.labels, img.ignore)):
@@ -375,11 +365,11 @@ def _prepare_one(img: SourceImage, min_size: int, max_size: int, masks: bool,
     if inst is not None:
         inst = inst[keep]
         if len(inst) and (new_w, new_h) != (width, height):
-            inst = np.stack([np.asarray(Image.fromarray(m).resize((new_w, new_h), Image.NEAREST)) for m in inst])
+            inst = np.stack([resize_mask(m, (new_h, new_w)) for m in inst])
         rles = encode_masks(inst.reshape(len(keep), new_h, new_w))
     if all(ignore):  # also true for no boxes at all
         counts["images without objects"] += 1
-    chw = np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
     return chw, {"height": new_h, "width": new_w, "boxes": boxes, "labels": labels, "ignore": ignore,
                  "masks": rles}
 

@@ -198,11 +198,10 @@ class DetectTask(Task):
         model.eval()
         for path in inputs:
             try:
-                im = read_rgb(Path(path))
+                image = torch.from_numpy(read_rgb(Path(path))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
             except (UnreadableImageError, DataNotFoundError) as exc:
                 yield {"input": path, "error": str(exc)}
                 continue
-            image = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
             with torch.inference_mode():
                 det = model([_to_float(image).to(device)])[0]
             keep = det["scores"] >= score_threshold
