@@ -54,7 +54,8 @@ class FeaturePyramidBackbone(nn.Module):
         self._body = (body,)
         self.feature_info = body.feature_info
         in_channels = list(body.feature_info.channels())
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=_extra_block(extra_block, out_channels))
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels,
+                                         extra_blocks=_extra_block(extra_block, out_channels))
         self.out_channels = out_channels
         self.level_names = [str(i) for i in range(len(in_channels))]
 

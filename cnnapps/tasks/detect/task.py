@@ -1,5 +1,4 @@
-"""The object-detection task plugin (Faster R-CNN, FCOS; Mask R-CNN for instance masks): config, data, step,
-COCO metrics, PR-curve report and predict pictures."""
+"""The detection task plugin (Faster R-CNN, FCOS, Mask R-CNN): config, data, step, COCO metrics, report, predict."""
 from __future__ import annotations
 
 import logging
