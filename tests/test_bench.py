@@ -38,3 +38,20 @@ def test_floors_fail_on_a_drop(tmp_path):
     assert "below its floor 0.97" in check_floors([low], floors)[0]
     assert check_floors([missing], floors)
     assert check_floors([{"task": "other", "test": {}}], floors) == []
+
+
+def test_a_finished_train_run_is_recorded_with_its_differences(tmp_path, data_root):
+    from cnnapps.engine.bench import record_finished_run
+    from cnnapps.engine.config import load_config
+    from cnnapps.engine.trainer import fit
+    from cnnapps.tasks.classify.task import ClassifyConfig
+
+    ci = REPO / "tasks/classify/ci.toml"
+    cfg = load_config(ClassifyConfig, ci, ["data.train_subset=320", "data.test_subset=128", "train.epochs=1"])
+    result = fit(ClassifyTask(), cfg, tmp_path / "run", data_root, quiet=True)
+    md = record_finished_run(ClassifyTask(), tmp_path / "run", str(ci), tmp_path, "classify")
+    run = json.loads(md.with_suffix(".json").read_text())["runs"]["ci"]
+    assert run["test"]["accuracy"] == result.test_metrics["accuracy"]
+    assert run["train_seconds"] == round(result.train_seconds, 2)
+    assert run["commit"] and run["machine"].startswith("cpu")  # from the run's own run.json
+    assert "data.train_subset=320" in run["overrides"] and "train.epochs=1" in run["overrides"]

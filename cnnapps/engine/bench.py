@@ -44,6 +44,42 @@ def run_task_bench(task: Task, config: Path | None, data_root: Path, overrides: 
     return write_run(record, results_dir, name)
 
 
+def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir: Path | None = None,
+                        name: str | None = None) -> Path:
+    """Record a run that ``train`` finished (its folder's config.toml, metrics.jsonl, metrics.json and run.json,
+    all written by the engine) as the ``config_name`` section of results/<name>.md. For long runs made with
+    ``train`` rather than ``bench``; nothing is re-measured."""
+    run_dir = Path(run_dir)
+    for needed in ("config.toml", "metrics.jsonl", "metrics.json"):
+        if not (run_dir / needed).is_file():
+            raise FileNotFoundError(f"{run_dir}: no {needed}; is this a finished run folder?")
+    cfg = load_config(task.Config, run_dir / "config.toml")
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    test = json.loads((run_dir / "metrics.json").read_text())
+    if (run_dir / "run.json").is_file():
+        facts = json.loads((run_dir / "run.json").read_text())
+        facts.pop("task", None)
+    else:  # runs started before the engine wrote run.json: say what is not known rather than guess
+        started = time.gmtime((run_dir / "config.toml").stat().st_mtime)
+        facts = {"machine": "not recorded by this run", "device": cfg.train.device, "commit": "not recorded",
+                 "time_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", started), "torch": "not recorded",
+                 "load_at_start": "not recorded"}
+    named = to_dict(load_config(task.Config, config_name)) if Path(config_name).is_file() else {}
+    overrides = [f"{sec}.{k}={v}" for sec, values in to_dict(cfg).items() if isinstance(values, dict)
+                 for k, v in values.items() if named and named.get(sec, {}).get(k) != v]
+    config_name = str(Path(config_name).resolve().relative_to(REPO_ROOT)) \
+        if Path(config_name).resolve().is_relative_to(REPO_ROOT) else config_name
+    record = {"task": task.name, "config": config_name,
+              "overrides": [f"recorded from run folder {run_dir}", *overrides],
+              **facts, "load_at_end": "not recorded",
+              "wall_seconds": "not recorded", "train_seconds": round(sum(h["seconds"] for h in history), 2),
+              "epochs": len(history),
+              "train_samples_per_s": round(sum(h["samples_per_s"] for h in history) / max(len(history), 1), 2),
+              "monitor": cfg.train.monitor or task.monitor, "test": test, "extra": {},
+              "resolved_config": to_dict(cfg)}
+    return write_run(record, Path(results_dir or REPO_ROOT / "results"), name or task.name)
+
+
 def run_key(config: str) -> str:
     """A run's key inside its task's results file: the config file's stem (``ci``, ``default``, ...)."""
     return Path(config).stem

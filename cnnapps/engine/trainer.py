@@ -27,6 +27,7 @@ from cnnapps.engine.checkpoint import (CheckpointError, load_checkpoint, load_ma
 from cnnapps.engine.config import ConfigError, dumps_toml, from_dict, to_dict
 from cnnapps.engine.optim import build_optimizer, build_scheduler
 from cnnapps.engine.plots import plot_curves
+from cnnapps.engine.runinfo import run_facts
 from cnnapps.engine.sampling import EpochShardSampler
 from cnnapps.engine.seeding import epoch_seed, rng_states, seed_everything, seed_worker, set_rng_states
 from cnnapps.metrics.base import Metric, headline
@@ -260,6 +261,8 @@ class Trainer:
         if rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(dumps_toml(to_dict(self.cfg)))
+            if not resume or not (self.run_dir / "run.json").is_file():
+                (self.run_dir / "run.json").write_text(json.dumps({"task": task.name, **run_facts(device)}, indent=2))
 
         data = task.build_data(self.cfg, self.data_root)
         for reason, count in data.skipped.items():

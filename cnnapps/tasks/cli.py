@@ -55,6 +55,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--results", type=Path, default=None, help="results folder (default: the checkout's results/)")
     b.add_argument("--name", default=None, help="results file stem (default: the task name)")
+    b.add_argument("--from-run", type=Path, default=None,
+                   help="record a run folder that `train` finished (with --config naming its config) instead of "
+                        "training again")
     b.add_argument("--quiet", action="store_true")
     return p
 
@@ -113,8 +116,14 @@ def cmd_predict(task: Task, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(task: Task, args: argparse.Namespace) -> int:
-    from cnnapps.engine.bench import run_task_bench
+    from cnnapps.engine.bench import record_finished_run, run_task_bench
 
+    if args.from_run is not None:
+        if args.config is None:
+            raise ConfigError("--from-run needs --config naming the config the run was trained with")
+        path = record_finished_run(task, args.from_run, str(args.config), args.results, args.name)
+        print(f"wrote {path} and {path.with_suffix('.json')}")
+        return 0
     path = run_task_bench(task, args.config, find_data_root(args.data_dir), overrides=args.overrides,
                           results_dir=args.results, name=args.name, quiet=args.quiet)
     print(f"wrote {path} and {path.with_suffix('.json')}")
