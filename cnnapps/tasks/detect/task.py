@@ -79,8 +79,21 @@ def draw_detections(image: torch.Tensor, det: dict[str, torch.Tensor], class_nam
     if len(labels):
         text = [f"{class_names[k - 1] if 0 < k <= len(class_names) else k} {float(s):.2f}"
                 for k, s in zip(labels, det["scores"])]
-        out = draw_bounding_boxes(out, det["boxes"], labels=text, colors=colours, width=3)
+        size, font = max(12, image.shape[-2] // 32), _label_font()
+        out = draw_bounding_boxes(out, det["boxes"], labels=text, colors=colours, width=max(2, size // 6),
+                                  font=font, font_size=size if font else None, fill_labels=True,
+                                  label_colors="white", label_background_colors=colours)
     return out
+
+
+def _label_font() -> str | None:
+    """A TrueType font for readable labels (matplotlib ships DejaVu Sans); None: PIL's tiny bitmap font."""
+    try:
+        from matplotlib import font_manager
+
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+    except (ImportError, ValueError):
+        return None
 
 
 class DetectTask(Task):
