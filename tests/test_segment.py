@@ -1,0 +1,240 @@
+"""Semantic segmentation on real Penn-Fudan: decoders over several backbones, IoU/Dice from a hand-checked
+confusion, joint image/mask augmentation, the seeded split, bad input in damaged copies (counted skips naming
+the file, empty masks kept and counted), a fit that beats all-background, predict's overlay, and transfer from
+a multi-label checkpoint with frozen stages."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnapps.backbones import create_backbone
+from cnnapps.engine.checkpoint import load_checkpoint
+from cnnapps.engine.config import ConfigError, load_config
+from cnnapps.engine.trainer import Trainer, fit
+from cnnapps.heads.segmentation import SegmentationNet, create_decoder
+from cnnapps.metrics.segmentation import IGNORE_INDEX, SegmentationMetrics, confusion_from_labels
+from cnnapps.tasks.cli import main
+from cnnapps.tasks.segment.config import SegmentData
+from cnnapps.tasks.segment.data import split_stems
+from cnnapps.tasks.segment.semantic import augment_pair, dice_loss
+from cnnapps.tasks.segment.task import SegmentConfig, SegmentTask
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    # caches of damaged copies must never land in the user's cache
+    monkeypatch.setenv("CNNAPPS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _cfg(*overrides: str) -> SegmentConfig:
+    return load_config(SegmentConfig, None, list(overrides))
+
+
+# ---------------------------------------------------------------- decoders, metrics, augmentation
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "vgg11_bn", "googlenet", "alexnet"])
+@pytest.mark.parametrize("decoder", ["fcn", "unet"])
+def test_decoders_give_input_sized_logits_on_any_backbone(backbone, decoder):
+    bb = create_backbone(backbone, features_only=True)
+    net = SegmentationNet(bb, create_decoder(decoder, bb.feature_info, 3, channels=32)).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 100, 132))  # sizes that no stride divides
+    assert out.shape == (2, 3, 100, 132)
+
+
+def test_decoder_errors_are_clear():
+    bb = create_backbone("resnet18", features_only=True)
+    with pytest.raises(ValueError, match="unknown segmentation decoder 'deeplab'"):
+        create_decoder("deeplab", bb.feature_info, 2)
+    with pytest.raises(ValueError, match="fcn skips=5"):
+        create_decoder("fcn", bb.feature_info, 2, skips=5)
+    with pytest.raises(ValueError, match="features_only=True"):
+        SegmentationNet(create_backbone("resnet18"), create_decoder("fcn", bb.feature_info, 2))
+
+
+def test_iou_dice_and_pixel_accuracy_from_a_hand_case():
+    target = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, IGNORE_INDEX]]])
+    pred = torch.tensor([[[0, 1, 1, 1], [0, 0, 0, 0]]])
+    conf = confusion_from_labels(pred, target, 2)
+    assert conf.tolist() == [[3, 1], [1, 2]]  # the ignored pixel is not counted
+    metric = SegmentationMetrics(["background", "person"])
+    logits = torch.nn.functional.one_hot(pred, 2).permute(0, 3, 1, 2).float()
+    metric.update(logits, {"mask": target})
+    v = metric.compute()
+    assert v["iou_person"] == pytest.approx(2 / 4) and v["iou_background"] == pytest.approx(3 / 5)
+    assert v["dice_person"] == pytest.approx(4 / 6) and v["pixel_accuracy"] == pytest.approx(5 / 7)
+    assert v["mIoU"] == pytest.approx((0.5 + 0.6) / 2) and v["images_without_objects"] == 0
+    metric.update(torch.zeros(1, 2, 2, 4), {"mask": torch.zeros(1, 2, 4, dtype=torch.long)})
+    assert metric.compute()["images_without_objects"] == 1
+
+
+def test_dice_loss_is_zero_for_a_confident_perfect_prediction_and_ignores_ignored_pixels():
+    target = torch.tensor([[[0, 1], [1, IGNORE_INDEX]]])
+    perfect = torch.nn.functional.one_hot(torch.where(target == IGNORE_INDEX, 0, target), 2).permute(0, 3, 1, 2)
+    perfect = perfect.float() * 50
+    assert dice_loss(perfect, target) < 1e-3
+    wrong_on_ignored = perfect.clone()
+    wrong_on_ignored[0, :, 1, 1] = torch.tensor([-50.0, 50.0])
+    assert dice_loss(wrong_on_ignored, target) < 1e-3
+
+
+def test_augmentation_moves_image_and_mask_together():
+    torch.manual_seed(0)
+    mask = torch.zeros(4, 16, 16, dtype=torch.long)
+    mask[:, 2:9, 3:7] = 1
+    x = mask[:, None].float().repeat(1, 3, 1, 1) * 2 - 1  # the image shows the mask
+    d = SegmentData(hflip=True, crop_scale=0.5, rotation=10)
+    xa, ma = augment_pair(x, mask, d, 2)
+    inside = ma != IGNORE_INDEX
+    agree = ((xa[:, 0] > 0).long() == ma)[inside].float().mean()
+    assert agree > 0.97 and set(ma.unique().tolist()) <= {0, 1, IGNORE_INDEX}
+
+
+def test_split_is_seeded_disjoint_and_stable_when_a_file_breaks():
+    stems = [f"img{i:03d}" for i in range(170)]
+    s = split_stems(stems, 20, 30, seed=0)
+    assert [len(s[k]) for k in ("train", "val", "test")] == [120, 20, 30]
+    assert not (set(s["train"]) & set(s["val"]) or set(s["train"]) & set(s["test"]) or set(s["val"]) & set(s["test"]))
+    assert split_stems(list(reversed(stems)), 20, 30, seed=0) == s
+    assert split_stems(stems, 20, 30, seed=1) != s
+    with pytest.raises(ValueError, match="leave no training examples"):
+        split_stems(stems[:40], 20, 30, seed=0)
+
+
+# ---------------------------------------------------------------- real data and bad input
+
+
+def test_penn_fudan_semantic_data(data_root):
+    data = SegmentTask().build_data(_cfg("data.image_size=64"), data_root)
+    assert data.state["split_sizes"] == {"train": 120, "val": 20, "test": 30} and data.skipped == {}
+    item = data.train[0]
+    assert item["x"].shape == (3, 64, 64) and item["mask"].shape == (64, 64)
+    assert set(np.unique(data.train.masks[:]).tolist()) == {0, 1}
+    assert data.state["mode"] == "semantic" and data.state["images_without_objects"] == 0
+
+
+def _penn_copy(data_root, dest, n=12):
+    src = data_root / "pennfudan"
+    (dest / "images").mkdir(parents=True)
+    (dest / "masks").mkdir()
+    stems = sorted(p.stem for p in (src / "images").glob("*.jpg"))[:n]
+    for s in stems:
+        shutil.copy(src / "images" / f"{s}.jpg", dest / "images")
+        shutil.copy(src / "masks" / f"{s}_mask.png", dest / "masks")
+    return stems
+
+
+def test_damaged_copies_are_counted_skips_naming_the_file(tmp_path, data_root, caplog):
+    stems = _penn_copy(data_root, tmp_path)
+    broken = tmp_path / "images" / f"{stems[0]}.jpg"
+    broken.write_bytes(broken.read_bytes()[:300])
+    resized = tmp_path / "masks" / f"{stems[1]}_mask.png"
+    Image.open(resized).resize((60, 50), Image.NEAREST).save(resized)
+    orphan = tmp_path / "masks" / f"{stems[2]}_mask.png"
+    orphan.unlink()
+    empty = tmp_path / "masks" / f"{stems[3]}_mask.png"
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(empty)))).save(empty)
+    cfg = _cfg("data.dataset=folder", f"data.path={tmp_path}", "data.image_size=32", "data.val_count=2",
+               "data.test_count=2")
+    with caplog.at_level(logging.INFO):
+        data = SegmentTask().build_data(cfg, tmp_path)
+    assert data.skipped == {"unreadable image": 1, "mask size differs from its image": 1,
+                            "image without a mask file": 1}
+    for path in (broken, resized, tmp_path / "images" / f"{stems[2]}.jpg", empty):
+        assert str(path) in caplog.text, path
+    assert "50x60 (HxW) but its image is" in caplog.text
+    assert data.state["images_without_objects"] == 1  # kept, all background
+    assert sum(data.state["split_sizes"].values()) == 12 - 3
+
+
+def test_mask_with_labels_outside_the_classes_is_an_error_naming_it(tmp_path, data_root):
+    stems = _penn_copy(data_root, tmp_path, n=3)
+    cfg = _cfg("data.dataset=folder", f"data.path={tmp_path}", "data.mask_values=classes", "data.image_size=32",
+               "data.val_count=1", "data.test_count=1")
+    with pytest.raises(ValueError, match=rf"{stems[0]}_mask.png: mask values \[2"):
+        SegmentTask().build_data(cfg, tmp_path)  # Penn-Fudan's instance 2 is no class id of 2 classes
+
+
+def test_unknown_mode_and_backbone_are_config_errors(data_root):
+    with pytest.raises(ConfigError, match="unknown segmentation mode 'panoptic'"):
+        SegmentTask().build_data(_cfg("mode=panoptic"), data_root)
+    data = SegmentTask().build_data(_cfg("data.image_size=32"), data_root)
+    with pytest.raises(ConfigError, match="not a 2D backbone"):
+        SegmentTask().build_model(_cfg("model.backbone=resnet18_1d"), data)
+
+
+# ---------------------------------------------------------------- training, predict, transfer
+
+
+FIT = ["data.image_size=96", "train.epochs=8", "train.batch_size=8", "train.threads=2", "data.crop_scale=0.5",
+       "model.dice_weight=0.5", "model.decoder_channels=64"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, data_root):
+    run = tmp_path_factory.mktemp("segment") / "run"
+    return run, fit(SegmentTask(), _cfg(*FIT), run, data_root, quiet=True)
+
+
+@pytest.mark.slow
+def test_fit_beats_all_background(fitted, data_root):
+    run, result = fitted
+    data = SegmentTask().build_data(_cfg(*FIT), data_root)
+    masks = np.stack([data.test[i]["mask"].numpy() for i in range(len(data.test))])
+    background = SegmentationMetrics(data.state["class_names"])
+    background.update(torch.zeros(len(masks), 2, *masks.shape[1:]).index_fill_(1, torch.tensor([0]), 1.0),
+                      {"mask": torch.from_numpy(masks)})
+    base = background.compute()
+    assert base["iou_person"] == 0.0
+    v = result.test_metrics
+    assert v["iou_person"] > 0.3, v
+    assert v["mIoU"] > base["mIoU"] + 0.05, (v["mIoU"], base["mIoU"])
+    for name in ("examples.png", "pixel_confusion.png", "data_summary.json", "checkpoints/best.pt"):
+        assert (run / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_predict_writes_the_overlay_and_the_person_fraction(fitted, data_root, tmp_path, capsys):
+    run, _ = fitted
+    image = data_root / "pennfudan" / "images" / "FudanPed00001.jpg"
+    assert main("segment", ["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(image),
+                            "--out", str(tmp_path), "--quiet"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    overlay = Image.open(row["overlay"])
+    assert overlay.size == Image.open(image).size and row["overlay"].endswith("FudanPed00001_overlay.png")
+    assert 0.02 < row["person_fraction"] < 0.6
+    assert main("segment", ["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data-dir",
+                            str(data_root), "--quiet"]) == 0
+
+
+def test_transfer_from_a_multilabel_checkpoint_loads_the_backbone_and_freezes_stages(tmp_path, data_root):
+    from cnnapps.tasks.multilabel.task import MultiLabelConfig, MultiLabelTask
+
+    ml_cfg = load_config(MultiLabelConfig, None, ["data.image_size=32", "train.epochs=1",
+                                                  "train.max_steps_per_epoch=1", "data.train_subset=64",
+                                                  "data.test_subset=8"])
+    fit(MultiLabelTask(), ml_cfg, tmp_path / "ml", data_root, quiet=True)
+    ck = tmp_path / "ml" / "checkpoints" / "best.pt"
+    source = load_checkpoint(ck)["model"]
+
+    cfg = _cfg("data.image_size=32", f"train.init_checkpoint={ck}", "train.freeze_stages=2")
+    data = SegmentTask().build_data(cfg, data_root)
+    model = SegmentTask().build_model(cfg, data)
+    Trainer(SegmentTask(), cfg, tmp_path / "seg", data_root)._apply_transfer(model)
+    own = model.state_dict()
+    backbone_keys = [k for k in source if k.startswith("backbone.")]
+    assert backbone_keys and all(torch.equal(own[k], source[k]) for k in backbone_keys)
+    params = dict(model.named_parameters())
+    assert not params["backbone.conv1.weight"].requires_grad
+    assert not params["backbone.layer1.0.conv1.weight"].requires_grad
+    assert params["backbone.layer2.0.conv1.weight"].requires_grad and params["decoder.score.weight"].requires_grad
+    extra = SegmentTask().bench_extra(cfg, data_root)
+    assert extra["init"] == "transferred" and extra["init_task"] == "multilabel"
+    assert extra["init_backbone"] == "resnet18"
