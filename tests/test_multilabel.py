@@ -261,6 +261,14 @@ def test_a_user_folder_with_a_labels_csv(tmp_path, data_root):
     assert data.state["class_names"] == sorted({lb for im in ann["images"] for lb in im["labels"]} | {"dog"})
     sizes = data.state["split_sizes"]
     assert sizes["test"] == round(52 * 0.25) and sum(sizes.values()) == 52
+    # a model trained on the folder evaluates every readable row of it (evaluate --split all)
+    fit(MultiLabelTask(), load_config(MultiLabelConfig, None, [
+        "data.dataset=folder", f"data.path={folder}", "data.image_size=32", "train.epochs=1",
+        "train.max_steps_per_epoch=1"]), tmp_path / "run", tmp_path, quiet=True)
+    assert main("multilabel", ["evaluate", "--checkpoint", str(tmp_path / "run/checkpoints/best.pt"), "--split", "all",
+                               "--data-dir", str(folder), "--out", str(tmp_path / "all"), "--quiet"]) == 0
+    values = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert values["examples"] == 52 and values["skipped: annotation names a missing image"] == 1
     # with a checkpoint's classes, a label outside them names the CSV line
     (folder / "labels.csv").write_text("file,labels\n" + f"{ann['images'][0]['id']}.jpg,dog;unicorn\n")
     with pytest.raises(ValueError, match=r"labels.csv:2: unknown label 'unicorn'"):

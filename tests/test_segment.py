@@ -152,6 +152,16 @@ def test_damaged_copies_are_counted_skips_naming_the_file(tmp_path, data_root, c
     assert "50x60 (HxW) but its image is" in caplog.text
     assert data.state["images_without_objects"] == 1  # kept, all background
     assert sum(data.state["split_sizes"].values()) == 12 - 3
+    # a model evaluates every usable pair of a folder (evaluate --split all), the empty one included
+    small = ["data.dataset=folder", f"data.path={tmp_path}", "data.image_size=32", "data.val_count=2",
+             "data.test_count=2", "train.epochs=1", "train.max_steps_per_epoch=1"]
+    fit(SegmentTask(), load_config(SegmentConfig, None, small), tmp_path / "run", tmp_path, quiet=True)
+    out = tmp_path / "all"
+    assert main("segment", ["evaluate", "--checkpoint", str(tmp_path / "run/checkpoints/best.pt"), "--split", "all",
+                            "--data-dir", str(tmp_path), "--out", str(out), "--quiet"]) == 0
+    values = json.loads((out / "metrics.json").read_text())
+    assert values["images"] == 9 and values["images_without_objects"] == 1
+    assert values["skipped: unreadable image"] == 1 and (out / "examples.png").is_file()
 
 
 def test_mask_with_labels_outside_the_classes_is_an_error_naming_it(tmp_path, data_root):

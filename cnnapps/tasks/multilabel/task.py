@@ -76,8 +76,11 @@ def _resolve_folder(path: str, data_root: Path) -> Path:
     return p if p.is_absolute() or p.exists() else data_root / p
 
 
-def _load_source(cfg: MultiLabelConfig, data_root: Path, class_names: list[str] | None) -> LabelledImages:
+def _load_source(cfg: MultiLabelConfig, data_root: Path, class_names: list[str] | None,
+                 split: str | None = None) -> LabelledImages:
     d = cfg.data
+    if split == "all" and (data_root / d.labels_csv).is_file():  # evaluate --split all on a user's folder
+        return load_label_csv(data_root / d.labels_csv, data_root, class_names)
     if d.dataset == "voc_mini":
         return load_voc_mini(data_root, class_names)
     if d.dataset == "folder":
@@ -135,7 +138,7 @@ class MultiLabelTask(Task):
         size = int(state["image_size"]) if state else d.image_size
         if size < 16:
             raise ConfigError(f"data.image_size must be at least 16, got {size}")
-        src = _load_source(cfg, Path(data_root), list(state["class_names"]) if state else None)
+        src = _load_source(cfg, Path(data_root), list(state["class_names"]) if state else None, split)
         images, kept, skipped = decode_images(src.files, size, f"{d.dataset}")
         skipped.update(src.skipped)
         train, val, test = _split_rows(src, kept, d, split)

@@ -79,7 +79,9 @@ class SemanticMode(SegmentMode):
         names = list(state["class_names"]) if state else list(d.class_names)
         if len(names) < 2:
             raise ConfigError(f"data.class_names needs background and at least one class, got {names}")
-        folder = resolve_folder(cfg, data_root)
+        # evaluate --split all: every pair of the folder --data-dir names, with the checkpoint's preprocessing
+        folder = Path(data_root) if split == "all" and (Path(data_root) / "images").is_dir() \
+            else resolve_folder(cfg, data_root)
         pairs = find_pairs(folder)
         arrays = load_semantic(pairs, size, d.mask_values, len(names), d.dataset)
         row_of = {s: i for i, s in enumerate(arrays.stems)}
