@@ -148,3 +148,36 @@ def test_transfer_freezes_stages_and_resets_the_head(tmp_path, data_root):
     for name in frozen:
         assert torch.equal(before[name], after[name]), f"{name} changed although frozen"
     assert any(not torch.equal(before[n], after[n]) for n in head if n.endswith("weight"))
+
+
+def test_evaluate_split_all_on_an_image_folder_counts_bad_files(tmp_path, data_root, capsys):
+    """A user's ImageFolder tree is evaluated whole with the checkpoint's preprocessing; a corrupt image is a
+    logged, counted skip."""
+    fit(ClassifyTask(), _cfg("train.max_steps_per_epoch=3", "train.epochs=1"), tmp_path / "run", data_root,
+        quiet=True)
+    with np.load(data_root / "mnist" / "mnist.npz") as z:
+        images, labels = z["x_test"][:30], z["y_test"][:30]
+    tree = tmp_path / "digits"
+    for i, (img, label) in enumerate(zip(images, labels)):
+        (tree / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tree / str(label) / f"{i}.png")
+    (tree / "3" / "broken.png").write_bytes(b"not an image")
+    assert main("classify", ["evaluate", "--checkpoint", str(tmp_path / "run/checkpoints/best.pt"), "--split", "all",
+                             "--data-dir", str(tree), "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["examples"] == 30 and metrics["skipped: unreadable image"] == 1
+
+
+def test_a_torchvision_weights_file_initialises_the_backbone(tmp_path, data_root):
+    import torchvision
+
+    tv = torchvision.models.resnet18(num_classes=1000)
+    torch.save(tv.state_dict(), tmp_path / "resnet18-tv.pth")
+    cfg = _cfg("model.backbone=resnet18", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=1",
+               "model.in_chans=3", f"train.init_checkpoint={tmp_path / 'resnet18-tv.pth'}", "train.freeze_stages=-1")
+    fit(ClassifyTask(), cfg, tmp_path / "run", data_root, quiet=True)
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
+    # every body tensor came from the file and stayed frozen; the 10-class head is new
+    assert torch.equal(state["layer4.1.conv2.weight"], tv.state_dict()["layer4.1.conv2.weight"])
+    assert torch.equal(state["conv1.weight"], tv.state_dict()["conv1.weight"])
+    assert state["fc.weight"].shape == (10, 512)
