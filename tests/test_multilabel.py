@@ -219,8 +219,13 @@ def _voc_copy(data_root, dest, n_trainval=40, n_test=12):
     return dest, ann
 
 
+def _val_images(data) -> set[bytes]:
+    return {data.val.images[r].tobytes() for r in data.val.rows}
+
+
 def test_missing_and_unreadable_images_are_counted_skips_naming_the_file(tmp_path, data_root, caplog):
     root, ann = _voc_copy(data_root, tmp_path)
+    intact = _val_images(MultiLabelTask().build_data(_cfg("data.image_size=32", "data.val_fraction=0.5"), root))
     missing = root / "voc_mini" / ann["images"][0]["file"]
     missing.unlink()
     broken = root / "voc_mini" / ann["images"][1]["file"]
@@ -230,6 +235,9 @@ def test_missing_and_unreadable_images_are_counted_skips_naming_the_file(tmp_pat
     assert data.skipped == {"annotation names a missing image": 1, "unreadable image": 1}
     assert missing.name in caplog.text and broken.name in caplog.text
     assert sum(data.state["split_sizes"].values()) == 40 + 12 - 2
+    # the damaged files leave every other image in its split
+    damaged = _val_images(MultiLabelTask().build_data(_cfg("data.image_size=32", "data.val_fraction=0.5"), root))
+    assert damaged <= intact and len(intact - damaged) <= 2
 
 
 def test_unknown_label_and_orphan_split_ids(tmp_path, data_root, caplog):

@@ -92,21 +92,22 @@ def _load_source(cfg: MultiLabelConfig, data_root: Path, class_names: list[str] 
     raise ConfigError(f"data.dataset: unknown {d.dataset!r} (voc_mini, folder)")
 
 
-def _split_rows(src: LabelledImages, kept: np.ndarray, d: MultiLabelData, split: str | None
+def _split_rows(src: LabelledImages, d: MultiLabelData, split: str | None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(train, val, test) as positions into the decoded arrays (``kept`` maps them to source rows)."""
-    names = src.split[kept]
-    positions = np.arange(len(kept))
+    """(train, val, test) as rows of ``src``. Images that turn out unreadable are dropped afterwards, so a
+    damaged file never moves another image to a different split."""
+    names = src.split
+    rows = np.arange(len(names))
     if split == "all":
-        return positions[:0], positions[:0], positions
+        return rows[:0], rows[:0], rows
     rng = np.random.default_rng(d.split_seed)
-    test = positions[names == "test"]
-    pool = positions[np.isin(names, ("trainval", "train", ""))] if (names == "test").any() else positions
-    if not (names == "test").any():  # no test rows named: carve a seeded test part
-        pool = rng.permutation(pool)
+    if (names == "test").any():
+        test, pool = rows[names == "test"], rows[names != "test"]
+    else:  # no test rows named: carve a seeded test part
+        pool = rng.permutation(rows[names != "val"])
         n_test = int(round(len(pool) * d.test_fraction))
-        test, pool = np.sort(pool[:n_test]), pool[n_test:]
-    fixed_val = positions[names == "val"]
+        test, pool = np.sort(pool[:n_test]), np.concatenate([pool[n_test:], rows[names == "val"]])
+    fixed_val = rows[names == "val"]
     pool = rng.permutation(np.setdiff1d(pool, fixed_val))
     if d.train_subset:
         pool = pool[: d.train_subset]
@@ -139,13 +140,14 @@ class MultiLabelTask(Task):
         if size < 16:
             raise ConfigError(f"data.image_size must be at least 16, got {size}")
         src = _load_source(cfg, Path(data_root), list(state["class_names"]) if state else None, split)
-        images, kept, skipped = decode_images(src.files, size, f"{d.dataset}")
+        images, kept, skipped = decode_images(src.files, size, d.dataset)
         skipped.update(src.skipped)
-        train, val, test = _split_rows(src, kept, d, split)
+        position = np.full(len(src.files), -1)
+        position[kept] = np.arange(len(kept))  # source row -> row of the decoded array (-1: dropped)
+        train, val, test = (position[r][position[r] >= 0] for r in _split_rows(src, d, split))
         if split != "all" and len(train) == 0:
             raise ConfigError("no training images left after the split (check data.train_subset / fractions)")
-        rows = kept  # position -> source row
-        targets, ignore = src.targets[rows], src.ignore[rows]
+        targets, ignore = src.targets[kept], src.ignore[kept]
 
         def subset(pos: np.ndarray, calib: bool = False) -> MultiLabelImages:
             return MultiLabelImages(images, pos, targets[pos], ignore[pos], calib)
@@ -165,8 +167,9 @@ class MultiLabelTask(Task):
         if cfg.model.pos_weight not in ("none", "balanced"):
             raise ConfigError(f"model.pos_weight: unknown {cfg.model.pos_weight!r} (none, balanced)")
         # Training: validation images choose the thresholds (calib). The test pass at the end of fit runs them
-        # again ahead of the test images, so the thresholds it applies come from the best weights themselves.
-        # A checkpoint being evaluated keeps the thresholds it saved (no calib rows).
+        # again ahead of the test images, so the thresholds it applies come from the best weights themselves
+        # (its metrics score the test images only; its `loss` averages over both). A checkpoint being evaluated
+        # keeps the thresholds it saved (no calib rows).
         calibrate = state is None and len(val) > 0
         val_ds = subset(val, calib=calibrate) if len(val) else None
         test_ds = subset(test)
