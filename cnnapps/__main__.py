@@ -166,7 +166,8 @@ def cmd_understand_report(args: argparse.Namespace) -> int:
 
     path = _understand_errors(write_report, results_dir=args.results, data_dir=args.data_dir, quick=args.quick,
                               cache_dir=args.cache, classify_checkpoint=args.classify_checkpoint,
-                              ecg_checkpoint=args.ecg_checkpoint)
+                              ecg_checkpoint=args.ecg_checkpoint, audio_checkpoint=args.audio_checkpoint,
+                              timings=False if args.no_timings else None)
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
 
@@ -218,6 +219,8 @@ def add_understand_parsers(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="tiny probe (seconds): for tests, not for results")
     p.add_argument("--classify-checkpoint", default=None, help="image model for Grad-CAM (default: train ci)")
     p.add_argument("--ecg-checkpoint", default=None, help="ECG model for the strip (default: train ci)")
+    p.add_argument("--audio-checkpoint", default=None, help="audio model for the timings (default: train ci)")
+    p.add_argument("--no-timings", action="store_true", help="skip timing every command on the ci checkpoints")
     p.set_defaults(func=cmd_understand_report)
 
 

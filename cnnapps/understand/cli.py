@@ -95,8 +95,9 @@ def explain_one(view: ExplainView, item: LoadedInput, method: str, out_dir: Path
             mask[:valid] = (step_cls == c).float() if target is None else 1.0
             attr = attribute(method, view.model, x, lambda o, c=c, m=mask: (o[:, c, :] * m).sum(-1), **kw)
             heats[view.class_names[c]] = _as_input_map(method, attr, x)
-        n = int(item.info["samples"])
-        png = plots.plot_signal_attribution(item.display[:n], view.fs or 1.0, {k: v[:n] for k, v in heats.items()},
+        n = int(item.info["samples"])  # drop the zero padding that completes the last step
+        heats = {k: v[:n] for k, v in heats.items()}
+        png = plots.plot_signal_attribution(item.display[:n], view.fs or 1.0, heats,
                                             out_dir / f"{stem}_{method}.png", signed=signed,
                                             steps=np.array([view.class_names[int(c)] for c in step_cls]), step=step,
                                             title=f"{Path(item.path).name} ({item.info.get('lead', '')}): {method} "
@@ -137,7 +138,7 @@ def run_explain(checkpoint: str | Path, inputs: Sequence[str], method: str, out_
                 device: str = "cpu", start_s: float = 0.0, max_seconds: float = 30.0,
                 lead: str | None = None) -> list[dict[str, Any]]:
     """``python -m cnnapps explain``: one row per input (an ``error`` row for an unreadable one; the others go
-    on). Pictures and raw maps go to ``out_dir``."""
+    on). Pictures and raw maps go to ``out_dir``, and the rows are appended to its ``explain.jsonl``."""
     if method not in METHODS:
         raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     out = Path(out_dir)
@@ -156,7 +157,8 @@ def run_explain(checkpoint: str | Path, inputs: Sequence[str], method: str, out_
         row = explain_one(view, item, method, out, stage, cls, steps, window)
         row["seconds"] = round(time.perf_counter() - t0, 2)
         rows.append(row)
-    (out / "explain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(out / "explain.jsonl", "a") as fh:  # several methods into one folder keep every row
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
