@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnapps.data.images import picture_path
 from cnnapps.data.root import DataNotFoundError
 from cnnapps.engine.config import ConfigError, TrainConfig
 from cnnapps.metrics.detection import DetectionMetrics
@@ -201,12 +202,11 @@ class DetectTask(Task):
                 device: torch.device, out_dir: Path | None = None, score_threshold: float = 0.5,
                 **kw: Any) -> Iterator[dict]:
         """One dict per input: ``detections`` (label, score, box x1 y1 x2 y2 in the file's pixels) and, with
-        ``out_dir``, ``picture``: ``<out_dir>/<stem>_detections.png`` with boxes, labels, scores (and masks)."""
+        ``out_dir``, ``picture``: ``<out_dir>/<stem>_detections.png`` (or ``out_dir`` itself when it names a .png
+        and there is one input) with boxes, labels, scores (and masks) drawn."""
         from torchvision.io import write_png
 
         names = list(state["class_names"])
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
         model.eval()
         for path in inputs:
             try:
@@ -222,7 +222,7 @@ class DetectTask(Task):
                 {"label": names[int(k) - 1], "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}
                 for k, s, b in zip(det["labels"], det["scores"], det["boxes"])]}
             if out_dir is not None:
-                picture = Path(out_dir) / f"{Path(path).stem}_detections.png"
+                picture = picture_path(out_dir, path, "_detections", single=len(inputs) == 1)
                 write_png(draw_detections(image, det, names), str(picture))
                 row["picture"] = str(picture)
             yield row
