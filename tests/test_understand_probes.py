@@ -3,6 +3,8 @@ PosENet no position while a zero-padded deep network still has it; circular padd
 equivariant."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,7 @@ def test_whitened_read_out_is_one_linear_conv():
 def small_probe(data_root):
     """The acceptance config: 32x32 VOC-mini images, 8x8 maps, VGG-16 at 1/16 width as initialised (zero padding
     and circular padding), 160 training and 40 test images, 3x3 read-outs on the H map."""
-    cfg = ProbeConfig.quick()
+    cfg = dataclasses.replace(ProbeConfig.quick(), voc_train=160, voc_test=40, readout_epochs=10, readout_batch=20)
     train = load_voc_images(data_root, "trainval", cfg.image_size, cfg.voc_train)
     tests = {"natural": load_voc_images(data_root, "test", cfg.image_size, cfg.voc_test),
              "black": constant_images(0.0, cfg.image_size), "white": constant_images(1.0, cfg.image_size)}

@@ -203,25 +203,25 @@ def translation_probe(backbone: nn.Module, x: torch.Tensor, shifts: Sequence[int
 
 def format_probe(probes: Sequence[ShiftProbe]) -> str:
     """Markdown: one row per (backbone, padding, stage), one column per shift: the equivariance error (``-``
-    where the shift is not a multiple of the stage's stride), then the pooled output's relative change."""
-    if not probes:
-        return ""
-    shifts = probes[0].shifts
-    head = "| backbone | padding | stage (stride) | " + " | ".join(f"shift {s}" for s in shifts) + " |"
-    lines = [head, "|" + "---|" * (3 + len(shifts))]
+    where the shift is not a multiple of the stage's stride), then the pooled output's relative change. Probes
+    with different shift lists get separate tables."""
+    groups: dict[tuple[int, ...], list[ShiftProbe]] = {}
     for p in probes:
-        n_stages = max(st.stage for st in p.stages) + 1
-        for k in range(n_stages):
-            cells = []
-            r = 1
-            for s in shifts:
-                st = next(x for x in p.stages if x.stage == k and x.shift == s)
-                r = st.reduction
-                cells.append("-" if st.error is None else f"{st.error:.3f}")
-            lines.append(f"| {p.name} | {p.padding} | {k} (/{r}) | " + " | ".join(cells) + " |")
-        cells = [f"{p.pooled_change[s]:.3f}" for s in shifts]
-        lines.append(f"| {p.name} | {p.padding} | pooled output: relative change | " + " | ".join(cells) + " |")
-        if p.top1_kept:
-            cells = [f"{p.top1_kept[s]:.2f}" for s in shifts]
-            lines.append(f"| {p.name} | {p.padding} | top-1 unchanged | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        groups.setdefault(tuple(p.shifts), []).append(p)
+    tables = []
+    for shifts, group in groups.items():
+        head = "| backbone | padding | stage (stride) | " + " | ".join(f"shift {s}" for s in shifts) + " |"
+        lines = [head, "|" + "---|" * (3 + len(shifts))]
+        for p in group:
+            for k in sorted({st.stage for st in p.stages}):
+                row = {st.shift: st for st in p.stages if st.stage == k}
+                cells = ["-" if row[s].error is None else f"{row[s].error:.3f}" for s in shifts]
+                lines.append(f"| {p.name} | {p.padding} | {k} (/{row[shifts[0]].reduction}) | " + " | ".join(cells)
+                             + " |")
+            cells = [f"{p.pooled_change[s]:.3f}" for s in shifts]
+            lines.append(f"| {p.name} | {p.padding} | pooled output: relative change | " + " | ".join(cells) + " |")
+            if p.top1_kept:
+                cells = [f"{p.top1_kept[s]:.2f}" for s in shifts]
+                lines.append(f"| {p.name} | {p.padding} | top-1 unchanged | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)

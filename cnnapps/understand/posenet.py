@@ -69,8 +69,8 @@ class ProbeConfig:
     @classmethod
     def quick(cls) -> ProbeConfig:
         """Seconds, not minutes: for tests (numbers from it are a smoke signal, not a result)."""
-        return cls(image_size=32, map_size=8, width_div=16, train_size=32, train_epochs=0, voc_train=160,
-                   voc_test=40, readout_epochs=10, readout_lr=0.02, readout_batch=20, kernels=(3,))
+        return cls(image_size=32, map_size=8, width_div=16, train_size=32, train_epochs=0, voc_train=96,
+                   voc_test=24, readout_epochs=8, readout_lr=0.02, readout_batch=16, kernels=(3,))
 
     def key(self, model: str) -> str:
         """Cache key of a trained backbone: everything that shapes its weights."""

@@ -288,15 +288,25 @@ def write_report(results_dir: str | Path | None = None, data_dir: str | Path | N
     cfg = ProbeConfig.quick() if quick else ProbeConfig()
     timings = (not quick) if timings is None else timings
 
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        phases[name] = round(time.perf_counter() - mark, 1)
+        log.info("understand-report: %s took %.0f s", name, phases[name])
+        mark = time.perf_counter()
+
     position = run_position_probe(cfg, root, cache, models=MODELS, ablations=not quick)
     trained = {m: train_backbone(m, cfg, root, cache) for m in MODELS if m != "posenet"}
-
+    phase("position probe")
     ckpts: dict[str, Path] = {}
     for task, given in (("classify", classify_checkpoint), ("ecg", ecg_checkpoint), ("audio", audio_checkpoint)):
         ckpts[task] = Path(given) if given else ci_checkpoint(task, root, cache, quick)
     inputs = _example_inputs(root, cache / "inputs")
-
+    phase("checkpoints")
     probes = _equivariance(trained, cfg, root, ckpts.get("ecg"), inputs["ecg"][0])
+    phase("equivariance")
     pictures: dict[str, Any] = {
         "attribution": _picture_attribution_grid(ckpts["classify"], inputs["classify"][:3],
                                                  pics / "gradcam_and_attributions.png"),
@@ -304,10 +314,13 @@ def write_report(results_dir: str | Path | None = None, data_dir: str | Path | N
         "filters": _picture_filters(trained, ckpts, pics),
         "position_maps": _picture_position_maps(trained, cfg, root, pics / "position_maps.png"),
     }
+    phase("pictures")
     rf = _receptive_fields()
+    phase("receptive fields")
     timing_rows = _timings(ckpts, inputs, cache / "timings", root) if timings else []
+    phase("timings")
     record = {"title": "Understanding CNNs (issue #8)", **facts, "load_at_end": load_average(), "quick": quick,
-              "seconds": round(time.perf_counter() - t0, 1), "position": position.to_dict(),
+              "seconds": round(time.perf_counter() - t0, 1), "phase_seconds": phases, "position": position.to_dict(),
               "equivariance": [p.to_dict() for p in probes], "receptive_fields": rf, "pictures": pictures,
               "checkpoints": {k: str(v) for k, v in ckpts.items()}, "inputs": inputs, "timings": timing_rows}
     md = results / "understanding.md"
@@ -325,7 +338,8 @@ def render_markdown(record: dict[str, Any], position: Any, probes: list[Any]) ->
              f"Written by `python -m cnnapps understand-report{' --quick' if record['quick'] else ''}` on "
              f"{record['machine']}, commit {record['commit']}, {record['time_utc']} (torch {record['torch']}); "
              f"load {record['load_at_start']} at start, {record['load_at_end']} at the end: the cores were shared, "
-             f"so timings are upper bounds. Whole run: {record['seconds']:.0f} s.", ""]
+             f"so timings are upper bounds. Whole run: {record['seconds']:.0f} s ("
+             + ", ".join(f"{k} {v:.0f} s" for k, v in record.get("phase_seconds", {}).items()) + ").", ""]
     if record["quick"]:
         lines += ["**Quick mode: untrained backbones and smoke checkpoints. These numbers test the machinery; they "
                   "are not results.**", ""]
@@ -391,6 +405,8 @@ def render_markdown(record: dict[str, Any], position: Any, probes: list[Any]) ->
               f"Grad-CAM (stage {p['attribution']['stage']}, `{p['attribution']['stage_module']}`) and the other "
               "attribution methods on MNIST test digits, classify ci checkpoint (LeNet-5):", "",
               f"![attributions](understanding/{p['attribution']['png']})", "",
+              "LeNet-5 squashes with tanh, not ReLU, so guided backpropagation equals the plain gradient here; it "
+              "differs on ReLU networks (the audio ResNet-18, the ECG net).", "",
               f"ECG record {p['ecg']['record']} (CinC 2017, label A): {p['ecg']['method']} for each rhythm the ECG ci "
               f"checkpoint predicts somewhere ({', '.join(p['ecg']['rhythms'])}); record-level prediction "
               f"{p['ecg']['label']}:", "", f"![ECG attribution](understanding/{p['ecg']['png']})", "",
