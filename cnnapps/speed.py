@@ -35,9 +35,9 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def model_throughput(model: nn.Module, shape: tuple[int, ...], batch: int, train: bool, bf16: bool,
-                     channels_last: bool, device: torch.device, repeats: int) -> float:
-    """Examples per second of one forward (eval) or forward+backward+SGD step (train)."""
+def _make_step(model: nn.Module, shape: tuple[int, ...], batch: int, train: bool, bf16: bool,
+               channels_last: bool, device: torch.device) -> Callable[[], None]:
+    """A closure running one forward (eval) or forward+backward+SGD step (train) of ``model`` on random input."""
     x = torch.randn(batch, *shape, device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -58,12 +58,35 @@ def model_throughput(model: nn.Module, shape: tuple[int, ...], batch: int, train
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return batch / _time_it(step, repeats)
+    return step
+
+
+def model_throughput(model: nn.Module, shape: tuple[int, ...], batch: int, train: bool, bf16: bool,
+                     channels_last: bool, device: torch.device, repeats: int) -> float:
+    """Examples per second of one forward (eval) or forward+backward+SGD step (train)."""
+    return batch / _time_it(_make_step(model, shape, batch, train, bf16, channels_last, device), repeats)
+
+
+def _time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each step, timed in turns (a, b, a, b, ...) so that a slow spell of a shared
+    machine hits both sides alike instead of biasing the ratio."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def compare_with_torchvision(names: list[str], size: int, batch: int, device: torch.device, repeats: int,
                              variants: list[str]) -> list[dict]:
-    """Rows of (model, mode, variant, ours/s, torchvision/s, ratio); both models measured back to back."""
+    """Rows of (model, mode, variant, ours/s, torchvision/s, ratio); both models built with the same seed and
+    timed in alternation in this process. A variant that cannot run here (``torch.compile`` without a working
+    compiler) gives a row with its error instead of numbers."""
     import torchvision
 
     from cnnapps.backbones import create_backbone
@@ -73,19 +96,30 @@ def compare_with_torchvision(names: list[str], size: int, batch: int, device: to
         for mode in ("eval", "train"):
             for variant in variants:
                 bf16, cl, comp = "bf16" in variant, "channels_last" in variant, "compile" in variant
-                speeds = {}
+                row: dict[str, Any] = {"model": name, "mode": mode, "variant": variant,
+                                       "input": f"{batch}x3x{size}x{size}"}
+                steps = {}
                 for impl in ("ours", "torchvision"):
                     torch.manual_seed(0)
                     model = create_backbone(name, num_classes=1000) if impl == "ours" else \
                         getattr(torchvision.models, name)(num_classes=1000)
                     if comp:
                         model = torch.compile(model)
-                    speeds[impl] = model_throughput(model, (3, size, size), batch, mode == "train", bf16, cl, device,
-                                                    repeats)
-                rows.append({"model": name, "mode": mode, "variant": variant, "input": f"{batch}x3x{size}x{size}",
-                             "ours_per_s": round(speeds["ours"], 2), "torchvision_per_s": round(speeds["torchvision"], 2),
-                             "ratio": round(speeds["ours"] / speeds["torchvision"], 3)})
-                log.info("%s %s %s: ratio %.3f", name, mode, variant, rows[-1]["ratio"])
+                    steps[impl] = _make_step(model, (3, size, size), batch, mode == "train", bf16, cl, device)
+                t0 = time.perf_counter()
+                try:
+                    secs = _time_interleaved(steps, repeats)
+                except Exception as exc:  # noqa: BLE001 - e.g. inductor without a C++ compiler: report, go on
+                    row.update({"ours_per_s": None, "torchvision_per_s": None, "ratio": None,
+                                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                    log.warning("%s %s %s failed: %s", name, mode, variant, row["error"])
+                    rows.append(row)
+                    continue
+                ours, tv = batch / secs["ours"], batch / secs["torchvision"]
+                row.update({"ours_per_s": round(ours, 2), "torchvision_per_s": round(tv, 2),
+                            "ratio": round(ours / tv, 3), "seconds": round(time.perf_counter() - t0, 1)})
+                rows.append(row)
+                log.info("%s %s %s: ratio %.3f", name, mode, variant, row["ratio"])
     return rows
 
 
@@ -145,10 +179,12 @@ def run_speed(device: str = "cpu", data_root: Path | None = None, results_dir: P
     variants = ["fp32", "bf16", "fp32+channels_last"] if quick else \
         ["fp32", "bf16", "fp32+channels_last", "bf16+channels_last+compile"]
     names = ["resnet18"] if quick else ["resnet18", "resnet50", "vgg16"]
+    started = time.perf_counter()
     record = {**run_facts(dev), "input_size": size, "batch": batch, "repeats": repeats,
               "backbones": compare_with_torchvision(names, size, batch, dev, repeats, variants),
               "hannun34_1d": hannun_throughput(dev, repeats, window=4096 if quick else 8192),
               "conv_vs_matmul": conv_vs_matmul(dev, repeats), "pipelines": pipeline_numbers(data_root)}
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
     results_dir = Path(results_dir or REPO_ROOT / "results")
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "speed.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -160,15 +196,18 @@ def run_speed(device: str = "cpu", data_root: Path | None = None, results_dir: P
 def format_speed(r: dict) -> str:
     lines = ["# Speed, measured side by side", "",
              "Written by `python -m cnnapps bench --speed` - do not edit by hand. Each number is the median of "
-             f"{r['repeats']} timed calls after 2 warm-up calls, ours and torchvision's measured back to back in one "
-             "process. A ratio above 1.0 means ours is faster.", "",
+             f"{r['repeats']} timed calls after 2 warm-up calls; ours and torchvision's are built with the same seed and "
+             "timed in alternation (ours, theirs, ours, ...) in one process. A ratio above 1.0 means ours is faster.",
+             "",
              f"machine: {r['machine']} (load {r['load_at_start']}); commit: {r['commit']}; time: {r['time_utc']}; "
-             f"torch {r['torch']}", "",
+             f"torch {r['torch']}; whole run {r.get('wall_seconds', '?')} s", "",
              "## Backbones against torchvision", "",
              "| model | mode | variant | input | ours (images/s) | torchvision (images/s) | ratio |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {b['model']} | {b['mode']} | {b['variant']} | {b['input']} | {b['ours_per_s']} | "
-              f"{b['torchvision_per_s']} | {b['ratio']} |" for b in r["backbones"]]
+              f"{b['torchvision_per_s']} | {b['ratio']} |" if b.get("ratio") is not None else
+              f"| {b['model']} | {b['mode']} | {b['variant']} | {b['input']} | failed: {b.get('error')} | | |"
+              for b in r["backbones"]]
     lines += ["", "## hannun34_1d (full width, 16 blocks)", "", "| mode | input | windows/s |", "| --- | --- | --- |"]
     lines += [f"| {h['mode']} | {h['input']} | {h['windows_per_s']} |" for h in r["hannun34_1d"]]
     lines += ["", "## Convolution against matmul", "", "| measurement | value |", "| --- | --- |"]

@@ -67,8 +67,12 @@ def test_soup_report_ranks_on_validation(finetuned, data_root, tmp_path):
     greedy = record["rows"][-1]
     best_single_val = max(r["val"] for r in record["rows"] if r["candidate"].startswith("single"))
     assert greedy["candidate"].startswith("greedy soup") and greedy["val"] >= best_single_val
+    assert set(record["differences"]) >= {"train.seed", "train.lr"} and record["differences"]["train.lr"] == [
+        0.02, 0.03, 0.05]
+    assert not any(k.startswith("data.") for k in record["differences"])  # one split for every ingredient
     path = write_soup_report(record, tmp_path, "soup")
-    assert "| uniform soup of 3 |" in path.read_text()
+    text = path.read_text()
+    assert "| uniform soup of 3 |" in text and "`train.lr`" in text and "| 2 | " in text
     # a soup of one checkpoint repeated is that checkpoint
     same = soup_report(ClassifyTask(), finetuned[:1] * 2, data_root, greedy=False)
     assert same["rows"][0]["test"] == same["rows"][-1]["test"]

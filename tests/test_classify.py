@@ -181,3 +181,16 @@ def test_a_torchvision_weights_file_initialises_the_backbone(tmp_path, data_root
     assert torch.equal(state["layer4.1.conv2.weight"], tv.state_dict()["layer4.1.conv2.weight"])
     assert torch.equal(state["conv1.weight"], tv.state_dict()["conv1.weight"])
     assert state["fc.weight"].shape == (10, 512)
+
+
+def test_the_split_follows_data_split_seed_not_train_seed(data_root):
+    """Runs that differ only in train.seed (soup ingredients, seed studies) must see one validation split."""
+    def val_and_test(*extra: str) -> tuple[torch.Tensor, torch.Tensor]:
+        data = ClassifyTask().build_data(_cfg(*extra), data_root)
+        return data.val.images, data.test.images
+
+    v0, t0 = val_and_test()
+    v1, t1 = val_and_test("train.seed=7")
+    assert torch.equal(v0, v1) and torch.equal(t0, t1)
+    v2, _ = val_and_test("data.split_seed=7")
+    assert not torch.equal(v0, v2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,44 @@ def test_transfer_from_a_multilabel_checkpoint_loads_the_backbone_and_freezes_st
     extra = SegmentTask().bench_extra(cfg, data_root)
     assert extra["init"] == "transferred" and extra["init_task"] == "multilabel"
     assert extra["init_backbone"] == "resnet18"
+
+
+# ---------------------------------------------------------------- instance mode (Mask R-CNN through the detect task)
+
+
+def test_instance_mode_translates_its_config_and_names_bad_keys():
+    from cnnapps.tasks.segment.instance import detect_config
+
+    cfg = load_config(SegmentConfig, Path(__file__).parents[1] / "tasks" / "segment" / "instance.toml", [])
+    d = detect_config(cfg)
+    assert (d.model.arch, d.model.backbone, d.model.min_size, d.data.dataset) == ("maskrcnn", "resnet18", 192,
+                                                                                  "pennfudan")
+    assert d.train.monitor == "mask_ap50" and d.train.epochs == cfg.train.epochs
+    with pytest.raises(ConfigError, match=r"\[instance\].*min_sizes"):
+        detect_config(_cfg("mode=instance", "instance.model.min_sizes=3"))
+    with pytest.raises(ConfigError, match="unknown table.*decoder"):
+        detect_config(_cfg("mode=instance", "instance.decoder.x=1"))
+    with pytest.raises(ConfigError, match="train.monitor"):
+        SegmentTask().build_data(_cfg("mode=instance"), Path("."))
+
+
+@pytest.mark.slow
+def test_instance_mode_fits_scores_mask_ap_and_predicts(tmp_path, data_root, capsys):
+    config = Path(__file__).parents[1] / "tasks" / "segment" / "instance.toml"
+    small = ["--set", "train.epochs=1", "--set", "instance.data.train_subset=8", "--set",
+             "instance.data.val_subset=2", "--set", "instance.data.test_subset=4", "--set",
+             "instance.model.min_size=128", "--set", "instance.model.max_size=192"]
+    assert main("segment", ["train", "--config", str(config), "--out", str(tmp_path / "run"), "--data-dir",
+                            str(data_root), "--quiet", *small]) == 0
+    test = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    flat = json.dumps(test)
+    assert "mask_ap50" in flat and "ap50" in flat
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert ck["data_state"]["mode"] == "instance"
+    image = data_root / "pennfudan" / "images" / "FudanPed00001.jpg"
+    capsys.readouterr()
+    assert main("segment", ["predict", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best.pt"),
+                            str(image), "--out", str(tmp_path / "pred"), "--score-threshold", "0.0",
+                            "--quiet"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Path(row["picture"]).is_file() and isinstance(row["detections"], list)

@@ -36,3 +36,24 @@ def test_conv_and_matmul_rates_and_report():
                               "ours_per_s": 10.0, "torchvision_per_s": 8.0, "ratio": 1.25}],
                          "hannun34_1d": [], "conv_vs_matmul": rates, "pipelines": {}})
     assert "| resnet18 | eval | fp32 | 2x3x32x32 | 10.0 | 8.0 | 1.25 |" in text
+
+
+def test_a_variant_that_cannot_run_is_a_row_with_its_error(monkeypatch):
+    class Broken(torch.nn.Module):  # what torch.compile returns where inductor cannot build its kernels
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            raise RuntimeError("no C++ compiler\nmore detail")
+
+    def broken_compile(model, *a, **k):
+        return Broken(model)
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    rows = compare_with_torchvision(["resnet18"], size=32, batch=2, device=torch.device("cpu"), repeats=1,
+                                    variants=["fp32+compile"])
+    assert all(r["ratio"] is None and r["error"] == "RuntimeError: no C++ compiler" for r in rows)
+    text = format_speed({"repeats": 1, "machine": "m", "load_at_start": "0", "commit": "c", "time_utc": "t",
+                         "torch": "2", "backbones": rows, "hannun34_1d": [], "conv_vs_matmul": {}, "pipelines": {}})
+    assert "failed: RuntimeError: no C++ compiler" in text

@@ -72,8 +72,26 @@ def soup_report(task: Task, paths: Sequence[str | os.PathLike], data_root: str |
         rows.append({"candidate": f"greedy soup of {len(chosen)} ({', '.join(str(j) for j in chosen)})",
                      "val": v, "test": t})
     return {"task": task.name, "monitor": monitor, "checkpoints": [str(p) for p in paths],
-            "best_single": best["candidate"], "rows": rows,
+            "best_single": best["candidate"], "rows": rows, "differences": config_differences(paths),
             **run_facts(next(scratch.parameters()).device)}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def config_differences(paths: Sequence[str | os.PathLike]) -> dict[str, list]:
+    """The config keys whose values differ between the checkpoints (the recipe of each ingredient), key -> one
+    value per checkpoint; a soup report shows them so that a reader knows what was varied."""
+    from cnnapps.engine.checkpoint import load_checkpoint
+
+    flats = [_flat(load_checkpoint(p).get("config", {})) for p in paths]
+    keys = sorted(set().union(*flats))
+    return {k: [f.get(k) for f in flats] for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1}
 
 
 def _clone(task: Task, cfg, data, state: dict, like: nn.Module) -> nn.Module:
@@ -91,11 +109,19 @@ def write_soup_report(record: dict, results_dir: Path | None = None, name: str =
     lines = [f"# Model soups on task `{record['task']}`", "",
              "Written by `python -m cnnapps soup` - do not edit by hand. Candidates are ranked on the validation "
              "split; the test column is reported, never used for choosing.", "",
-             f"machine: {record['machine']}; commit: {record['commit']}; time: {record['time_utc']}", "",
+             f"machine: {record['machine']}; commit: {record['commit']}; time: {record['time_utc']}; "
+             f"load at start: {record.get('load_at_start', 'not recorded')}", "",
              f"| candidate | val {m} | test {m} |", "| --- | --- | --- |"]
     lines += [f"| {r['candidate']} | {r['val']:.4f} | {r['test']:.4f} |" for r in record["rows"]]
     lines += ["", f"Best single model on validation: {record['best_single']}.", "", "Checkpoints:", ""]
-    lines += [f"- `{c}`" for c in record["checkpoints"]]
+    lines += [f"- {i}: `{c}`" for i, c in enumerate(record["checkpoints"])]
+    diffs = record.get("differences") or {}
+    if diffs:
+        lines += ["", "How the ingredients differ (config keys with more than one value; everything else is shared):",
+                  "", "| checkpoint | " + " | ".join(f"`{k}`" for k in diffs) + " |",
+                  "| --- | " + " | ".join("---" for _ in diffs) + " |"]
+        lines += [f"| {i} | " + " | ".join(str(v[i]) for v in diffs.values()) + " |"
+                  for i in range(len(record["checkpoints"]))]
     path = results_dir / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path

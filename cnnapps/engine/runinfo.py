@@ -13,11 +13,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, with ``+dirty`` when tracked files differ from it; ``unknown`` outside a checkout."""
+    """Short hash of HEAD, with ``+dirty`` when tracked files outside ``results/`` differ from it (results are
+    what benchmarks write, so one bench's output must not mark the next one's code as changed); ``unknown``
+    outside a checkout."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

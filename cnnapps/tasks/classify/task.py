@@ -28,7 +28,8 @@ class ClassifyData:
     dataset: str = "mnist"  # mnist | cifar10 | digits | folder
     path: str = ""  # folder: the image tree (train/ and test/ sub-folders, or <class>/ folders)
     image_size: int = 0  # 0: the backbone's default input size
-    val_fraction: float = 0.1  # carved from the training split, stratified, seeded
+    val_fraction: float = 0.1  # carved from the training split at random (seeded by split_seed)
+    split_seed: int = 0  # the split does not follow train.seed: runs with other seeds see the same split (soups)
     train_subset: int = 0  # use only the first N training examples after shuffling (CI); 0: all
     test_subset: int = 0
     augment: bool = False
@@ -70,10 +71,10 @@ def _load_raw(cfg: ClassifyConfig, root: Path, size: int, class_names: list[str]
     if name == "cifar10":
         return load_cifar10(root)
     if name == "digits":
-        return load_digits_sklearn(cfg.train.seed)
+        return load_digits_sklearn(cfg.data.split_seed)
     if name == "folder":
         path = Path(cfg.data.path) if cfg.data.path else root
-        return load_folder(path if path.is_absolute() or path.exists() else root / path, size, cfg.train.seed,
+        return load_folder(path if path.is_absolute() or path.exists() else root / path, size, cfg.data.split_seed,
                            class_names=class_names)
     raise ConfigError(f"data.dataset: unknown {name!r} (mnist, cifar10, digits, folder)")
 
@@ -94,13 +95,13 @@ class ClassifyTask(Task):
         size = int(state["image_size"]) if state else _image_size(cfg)
         class_names = list(state["class_names"]) if state else None
         if split == "all":  # every image of a user's tree (data_root), with the checkpoint's preprocessing
-            raw = load_folder(data_root, size, cfg.train.seed, class_names=class_names)
+            raw = load_folder(data_root, size, cfg.data.split_seed, class_names=class_names)
             raw.test = ArraySplit(np.concatenate([raw.train.images, raw.test.images]),
                                   np.concatenate([raw.train.labels, raw.test.labels]))
         else:
             raw = _load_raw(cfg, data_root, size, class_names)
         in_chans = cfg.model.in_chans or (int(state["in_chans"]) if state else raw.train.images.shape[-1])
-        rng = np.random.default_rng(cfg.train.seed)
+        rng = np.random.default_rng(cfg.data.split_seed)
         order = rng.permutation(len(raw.train.labels))
         if cfg.data.train_subset:
             order = order[: cfg.data.train_subset]
@@ -108,7 +109,8 @@ class ClassifyTask(Task):
         val_idx, train_idx = order[:n_val], order[n_val:]
         test = raw.test
         if cfg.data.test_subset and split != "all":
-            keep = np.random.default_rng(cfg.train.seed + 1).permutation(len(test.labels))[: cfg.data.test_subset]
+            rng_test = np.random.default_rng(cfg.data.split_seed + 1)
+            keep = rng_test.permutation(len(test.labels))[: cfg.data.test_subset]
             test = ArraySplit(test.images[keep], test.labels[keep])
 
         def prep(images: np.ndarray) -> torch.Tensor:
