@@ -55,3 +55,6 @@ def test_a_finished_train_run_is_recorded_with_its_differences(tmp_path, data_ro
     assert run["train_seconds"] == round(result.train_seconds, 2)
     assert run["commit"] and run["machine"].startswith("cpu")  # from the run's own run.json
     assert "data.train_subset=320" in run["overrides"] and "train.epochs=1" in run["overrides"]
+    # the engine wrote the end of the run into run.json: the record has its wall time and load
+    assert isinstance(run["wall_seconds"], float) and run["wall_seconds"] >= run["train_seconds"]
+    assert "on" in run["load_at_end"] and run["resumed"] is False

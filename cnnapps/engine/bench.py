@@ -45,10 +45,12 @@ def run_task_bench(task: Task, config: Path | None, data_root: Path, overrides: 
 
 
 def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir: Path | None = None,
-                        name: str | None = None) -> Path:
+                        name: str | None = None, data_root: Path | None = None) -> Path:
     """Record a run that ``train`` finished (its folder's config.toml, metrics.jsonl, metrics.json and run.json,
     all written by the engine) as the ``config_name`` section of results/<name>.md. For long runs made with
-    ``train`` rather than ``bench``; nothing is re-measured."""
+    ``train`` rather than ``bench``: the run's numbers are taken as they are; only the task's extra measurements
+    (``bench_extra``, e.g. data-pipeline throughput) are made now, where ``data_root`` is given, and the record
+    says so."""
     run_dir = Path(run_dir)
     for needed in ("config.toml", "metrics.jsonl", "metrics.json"):
         if not (run_dir / needed).is_file():
@@ -59,6 +61,10 @@ def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir
     if (run_dir / "run.json").is_file():
         facts = json.loads((run_dir / "run.json").read_text())
         facts.pop("task", None)
+        if "wall_seconds" not in facts:  # runs from before the engine wrote its end: the files' times tell
+            facts["wall_seconds"] = round((run_dir / "metrics.json").stat().st_mtime
+                                          - (run_dir / "run.json").stat().st_mtime, 1)
+            facts["wall_seconds_from"] = "file times: run.json (start) to metrics.json (end)"
     else:  # runs started before the engine wrote run.json: say what is not known rather than guess
         started = time.gmtime((run_dir / "config.toml").stat().st_mtime)
         facts = {"machine": "not recorded by this run", "device": cfg.train.device, "commit": "not recorded",
@@ -71,12 +77,16 @@ def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir
         if Path(config_name).resolve().is_relative_to(REPO_ROOT) else config_name
     record = {"task": task.name, "config": config_name,
               "overrides": [f"recorded from run folder {run_dir}", *overrides],
-              **facts, "load_at_end": "not recorded",
-              "wall_seconds": "not recorded", "train_seconds": round(sum(h["seconds"] for h in history), 2),
+              "load_at_end": "not recorded", "wall_seconds": "not recorded", **facts,
+              "train_seconds": round(sum(h["seconds"] for h in history), 2),
               "epochs": len(history),
               "train_samples_per_s": round(sum(h["samples_per_s"] for h in history) / max(len(history), 1), 2),
               "monitor": cfg.train.monitor or task.monitor, "test": test, "extra": {},
               "resolved_config": to_dict(cfg)}
+    if data_root is not None:
+        now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        record["extra"] = {**task.bench_extra(cfg, Path(data_root)),
+                           "extra measurements": f"made when recorded, {now} (load {load_average()})"}
     return write_run(record, Path(results_dir or REPO_ROOT / "results"), name or task.name)
 
 
@@ -118,7 +128,8 @@ def format_markdown(doc: dict) -> str:
     for r in runs:
         lines += ["", f"## `{r['config']}`", "", "| fact | value |", "| --- | --- |"]
         for key in ("machine", "device", "commit", "time_utc", "torch", "load_at_start", "load_at_end",
-                    "wall_seconds", "train_seconds", "epochs", "train_samples_per_s", "monitor"):
+                    "wall_seconds", "wall_seconds_from", "resumed", "train_seconds", "epochs",
+                    "train_samples_per_s", "monitor"):
             if key in r:  # records from before the load was recorded lack it
                 lines.append(f"| {key} | {r[key]} |")
         if r["overrides"]:

@@ -27,7 +27,7 @@ from cnnapps.engine.checkpoint import (CheckpointError, load_checkpoint, load_ma
 from cnnapps.engine.config import ConfigError, dumps_toml, from_dict, to_dict
 from cnnapps.engine.optim import build_optimizer, build_scheduler
 from cnnapps.engine.plots import plot_curves
-from cnnapps.engine.runinfo import run_facts
+from cnnapps.engine.runinfo import load_average, run_facts
 from cnnapps.engine.sampling import EpochShardSampler
 from cnnapps.engine.seeding import epoch_seed, rng_states, seed_everything, seed_worker, set_rng_states
 from cnnapps.metrics.base import Metric, headline
@@ -248,6 +248,15 @@ class Trainer:
         values["loss"] = total / max(n, 1)
         return values
 
+    def _finish_run_facts(self, wall: float, resumed: bool) -> None:
+        """Add the end of the run to run.json (load, wall time of this process's fit, data building and test
+        evaluation included), so that ``bench --from-run`` can report them."""
+        path = self.run_dir / "run.json"
+        facts = json.loads(path.read_text()) if path.is_file() else {}
+        facts.update({"load_at_end": load_average(), "wall_seconds": round(wall, 2), "resumed": bool(resumed),
+                      "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+        path.write_text(json.dumps(facts, indent=2))
+
     def _no_bar(self) -> bool:
         return self.quiet or not sys.stderr.isatty() or not is_rank0()
 
@@ -255,6 +264,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> FitResult:
         """Train, validate each epoch, keep last.pt/best.pt, then evaluate best weights on the test split."""
         tc, task = self.tc, self.task
+        t_fit = time.perf_counter()
         device = self._setup_process()
         rank0 = is_rank0()
         ckpt_dir = self.run_dir / "checkpoints"
@@ -365,6 +375,7 @@ class Trainer:
                 task.report(self.run_dir, metric, data)
             test_metrics.update({"best_epoch": best_epoch, "train_seconds": round(t_train, 2)})
             (self.run_dir / "metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
+            self._finish_run_facts(time.perf_counter() - t_fit, resume)
         if self.distributed:
             dist.barrier()
         return FitResult(self.run_dir, test_metrics, best_epoch, best_value, len(history), t_train, history)

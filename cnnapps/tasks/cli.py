@@ -121,7 +121,8 @@ def cmd_bench(task: Task, args: argparse.Namespace) -> int:
     if args.from_run is not None:
         if args.config is None:
             raise ConfigError("--from-run needs --config naming the config the run was trained with")
-        path = record_finished_run(task, args.from_run, str(args.config), args.results, args.name)
+        path = record_finished_run(task, args.from_run, str(args.config), args.results, args.name,
+                                   data_root=find_data_root(args.data_dir))
         print(f"wrote {path} and {path.with_suffix('.json')}")
         return 0
     path = run_task_bench(task, args.config, find_data_root(args.data_dir), overrides=args.overrides,
