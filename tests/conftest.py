@@ -30,3 +30,17 @@ def data_root() -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def meets_floor():
+    """``meets_floor(task, metrics)``: assert the test metrics of a fit of ``tasks/<task>/ci.toml`` hold the floors
+    in results/floors.toml (the same check as ``bench --all --check-floors``), so a test that already fits the ci
+    config enforces them without CI training it twice."""
+    from cnnapps.bench_suite import check_floors
+
+    def check(task: str, metrics: dict) -> None:
+        failures = check_floors([{"task": task, "test": metrics}], REPO / "results" / "floors.toml")
+        assert not failures, failures
+
+    return check

@@ -58,3 +58,21 @@ def test_a_finished_train_run_is_recorded_with_its_differences(tmp_path, data_ro
     # the engine wrote the end of the run into run.json: the record has its wall time and load
     assert isinstance(run["wall_seconds"], float) and run["wall_seconds"] >= run["train_seconds"]
     assert "on" in run["load_at_end"] and run["resumed"] is False
+
+
+def test_every_floor_is_enforced_in_ci():
+    """A floor nobody checks is decoration: each task in results/floors.toml is benchmarked by .ci/run or has a test
+    that fits its ci config and calls meets_floor (and each of those names a floor)."""
+    import re
+    import tomllib
+
+    floors = tomllib.loads((REPO / "results" / "floors.toml").read_text())
+    ci = (REPO / ".ci" / "run").read_text()
+    benched = set(re.search(r'^BENCHED_IN_CI="([^"]*)"', ci, re.M).group(1).split())
+    tested = {m for p in (REPO / "tests").glob("test_*.py")
+              for m in re.findall(r'meets_floor\("(\w+)"', p.read_text())}
+    assert benched and tested
+    missing = set(floors) - benched - tested
+    assert not missing, f"floors that CI never checks: {sorted(missing)}"
+    assert tested <= set(floors), f"tests call meets_floor for tasks without a floor: {sorted(tested - set(floors))}"
+    assert benched <= set(floors)

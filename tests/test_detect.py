@@ -368,7 +368,7 @@ def whole_image_baseline(dataset) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_ci_config_beats_the_whole_image_baseline_on_pennfudan(tmp_path, data_root):
+def test_ci_config_beats_the_whole_image_baseline_on_pennfudan(tmp_path, data_root, meets_floor):
     # The CI benchmark itself (tasks/detect/ci.toml), on one thread so a busy shared machine does not stall it.
     cfg = load_config(DetectConfig, REPO / "tasks/detect/ci.toml", ["train.threads=1"])
     task = DetectTask()
@@ -376,3 +376,4 @@ def test_ci_config_beats_the_whole_image_baseline_on_pennfudan(tmp_path, data_ro
     baseline = whole_image_baseline(task.build_data(cfg, data_root).test)
     assert result.test_metrics["images"] == 34
     assert result.test_metrics["ap50"] > baseline["ap50"] + 0.1, (result.test_metrics, baseline)
+    meets_floor("detect", result.test_metrics)

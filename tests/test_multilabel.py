@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,21 +118,25 @@ def test_build_data_uses_the_checkpoints_preprocessing(data_root):
         MultiLabelTask().build_data(_cfg(), data_root, state=state)
 
 
-FIT = ["data.image_size=64", "train.epochs=4", "data.train_subset=900", "train.batch_size=32", "train.threads=2",
-       "data.crop_scale=0.6"]
+CI = Path(__file__).resolve().parents[1] / "tasks" / "multilabel" / "ci.toml"
+
+
+def _ci() -> MultiLabelConfig:
+    """The CI benchmark config itself (the test fits what `bench` measures)."""
+    return load_config(MultiLabelConfig, CI, [])
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, data_root):
     run = tmp_path_factory.mktemp("multilabel") / "run"
-    result = fit(MultiLabelTask(), _cfg(*FIT), run, data_root, quiet=True)
+    result = fit(MultiLabelTask(), _ci(), run, data_root, quiet=True)
     return run, result
 
 
 @pytest.mark.slow
-def test_fit_beats_the_label_frequency_predictor(fitted, data_root):
+def test_fit_beats_the_label_frequency_predictor(fitted, data_root, meets_floor):
     run, result = fitted
-    data = MultiLabelTask().build_data(_cfg(*FIT), data_root)
+    data = MultiLabelTask().build_data(_ci(), data_root)
     train_y = (data.train.targets * data.train.mask).numpy()
     freq = train_y.sum(0) / data.train.mask.numpy().sum(0)
     test_ds = data.test.datasets[1]
@@ -141,6 +146,7 @@ def test_fit_beats_the_label_frequency_predictor(fitted, data_root):
     assert result.test_metrics["examples"] == 500
     assert m_ap > baseline + 0.05, (m_ap, baseline)
     assert result.test_metrics["constant_predictor_mAP"] == pytest.approx(baseline)
+    meets_floor("multilabel", result.test_metrics)
     for name in ("ap_per_class.png", "thresholds.json", "curves.png", "checkpoints/best.pt"):
         assert (run / name).is_file(), name
 

@@ -184,20 +184,24 @@ def test_unknown_mode_and_backbone_are_config_errors(data_root):
 # ---------------------------------------------------------------- training, predict, transfer
 
 
-FIT = ["data.image_size=96", "train.epochs=8", "train.batch_size=8", "train.threads=2", "data.crop_scale=0.5",
-       "model.dice_weight=0.5", "model.decoder_channels=64"]
+CI = Path(__file__).resolve().parents[1] / "tasks" / "segment" / "ci.toml"
+
+
+def _ci() -> SegmentConfig:
+    """The CI benchmark config itself (the test fits what `bench` measures)."""
+    return load_config(SegmentConfig, CI, [])
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, data_root):
     run = tmp_path_factory.mktemp("segment") / "run"
-    return run, fit(SegmentTask(), _cfg(*FIT), run, data_root, quiet=True)
+    return run, fit(SegmentTask(), _ci(), run, data_root, quiet=True)
 
 
 @pytest.mark.slow
-def test_fit_beats_all_background(fitted, data_root):
+def test_fit_beats_all_background(fitted, data_root, meets_floor):
     run, result = fitted
-    data = SegmentTask().build_data(_cfg(*FIT), data_root)
+    data = SegmentTask().build_data(_ci(), data_root)
     masks = np.stack([data.test[i]["mask"].numpy() for i in range(len(data.test))])
     background = SegmentationMetrics(data.state["class_names"])
     background.update(torch.zeros(len(masks), 2, *masks.shape[1:]).index_fill_(1, torch.tensor([0]), 1.0),
@@ -207,6 +211,7 @@ def test_fit_beats_all_background(fitted, data_root):
     v = result.test_metrics
     assert v["iou_person"] > 0.3, v
     assert v["mIoU"] > base["mIoU"] + 0.05, (v["mIoU"], base["mIoU"])
+    meets_floor("segment", v)
     for name in ("examples.png", "pixel_confusion.png", "data_summary.json", "checkpoints/best.pt"):
         assert (run / name).is_file(), name
 

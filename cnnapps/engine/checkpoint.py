@@ -120,3 +120,25 @@ def load_matching_weights(model: nn.Module, path: str | os.PathLike,
         raise CheckpointError(f"{path}: no tensor matches this model by name and shape")
     model.load_state_dict(own)
     return loaded, skipped
+
+
+def init_facts(init_checkpoint: str, freeze_stages: int = 0) -> dict[str, Any]:
+    """Where a run's starting weights came from, for results files: ``{"init": "from scratch"}``, or the
+    checkpoint's path and hash, the stages frozen, and (for a checkpoint of this suite) its task, backbone, epoch
+    and best validation value, so that a fine-tuned number can be traced to its pretraining run."""
+    import hashlib
+
+    if not init_checkpoint:
+        return {"init": "from scratch"}
+    path = Path(init_checkpoint)
+    facts: dict[str, Any] = {"init": "transferred", "init_checkpoint": str(path),
+                             "init_checkpoint_sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+                             "freeze_stages": freeze_stages}
+    try:
+        ck = load_checkpoint(path)
+    except CheckpointError:  # a raw state_dict (a torchvision weights file): nothing more to say about it
+        return facts
+    src = ck.get("config", {})
+    facts.update({"init_task": ck.get("task"), "init_backbone": src.get("model", {}).get("backbone"),
+                  "init_epoch": ck.get("epoch"), f"init_val_{ck.get('monitor')}": ck.get("best_value")})
+    return facts

@@ -13,6 +13,7 @@ from torch import nn
 
 from cnnapps.data.images import picture_path
 from cnnapps.data.root import DataNotFoundError
+from cnnapps.engine.checkpoint import init_facts
 from cnnapps.engine.config import ConfigError, TrainConfig
 from cnnapps.metrics.detection import DetectionMetrics
 from cnnapps.tasks.base import DataSplits, Task, TaskConfig
@@ -165,7 +166,8 @@ class DetectTask(Task):
         """Split sizes and the counts of skipped / repaired annotations of the benchmark's data."""
         data = self.build_data(cfg, data_root)
         cache = self._cache(cfg, data_root)
-        extra: dict[str, Any] = {f"{k} images": v for k, v in data.state["split_sizes"].items()}
+        extra: dict[str, Any] = init_facts(cfg.train.init_checkpoint, cfg.train.freeze_stages)
+        extra.update({f"{k} images": v for k, v in data.state["split_sizes"].items()})
         extra.update({f"skipped: {k}": v for k, v in data.skipped.items()})
         extra.update({k: v for k, v in cache.notes.items()})
         return extra

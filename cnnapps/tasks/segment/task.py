@@ -2,7 +2,6 @@
 mode that ``mode`` names (see modes.py)."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnapps.engine.checkpoint import CheckpointError, load_checkpoint
+from cnnapps.engine.checkpoint import init_facts
 from cnnapps.engine.config import ConfigError
 from cnnapps.metrics.base import Metric
 from cnnapps.tasks.base import DataSplits, Task
@@ -58,17 +57,4 @@ class SegmentTask(Task):
     def bench_extra(self, cfg: SegmentConfig, data_root: Path) -> dict[str, Any]:
         """Where transferred weights came from: the init checkpoint's hash, task, backbone and its best
         validation value, so a results file ties a fine-tuned number to the pretraining run."""
-        path = cfg.train.init_checkpoint
-        if not path:
-            return {"init": "from scratch"}
-        extra: dict[str, Any] = {"init": "transferred", "init_checkpoint": path,
-                                 "init_checkpoint_sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16],
-                                 "freeze_stages": cfg.train.freeze_stages}
-        try:
-            ck = load_checkpoint(path)
-        except CheckpointError:  # a raw torchvision state_dict: nothing more to say about it
-            return extra
-        src_cfg = ck.get("config", {})
-        extra.update({"init_task": ck.get("task"), "init_backbone": src_cfg.get("model", {}).get("backbone"),
-                      "init_epoch": ck.get("epoch"), f"init_val_{ck.get('monitor')}": ck.get("best_value")})
-        return extra
+        return init_facts(cfg.train.init_checkpoint, cfg.train.freeze_stages)
