@@ -175,7 +175,7 @@ def run_speed(device: str = "cpu", data_root: Path | None = None, results_dir: P
     on_cpu = dev.type == "cpu"
     size = 112 if on_cpu else 224
     batch = 8 if on_cpu else 64
-    repeats = 3 if quick else (5 if on_cpu else 20)
+    repeats = 3 if quick else (7 if on_cpu else 20)
     variants = ["fp32", "bf16", "fp32+channels_last"] if quick else \
         ["fp32", "bf16", "fp32+channels_last", "bf16+channels_last+compile"]
     names = ["resnet18"] if quick else ["resnet18", "resnet50", "vgg16"]
