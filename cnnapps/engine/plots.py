@@ -12,6 +12,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, out_png: Path | str, dpi: int = 110) -> Path:
+    """Lay ``fig`` out tightly, write it as ``out_png`` (creating its folder) and close it; returns the path.
+    Every picture the suite draws ends here, so figures never pile up in a long run."""
+    out_png = Path(out_png)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi)
+    plt.close(fig)
+    return out_png
+
+
 def plot_curves(metrics_jsonl: Path, out_png: Path, monitor: str) -> Path | None:
     """Loss (train and val), the monitored metric and the learning rate per epoch; None if nothing logged."""
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
@@ -35,10 +46,7 @@ def plot_curves(metrics_jsonl: Path, out_png: Path, monitor: str) -> Path | None
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], out_png: Path, title: str = "") -> Path:
@@ -59,7 +67,4 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], out_png: Path
                 ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # headless: runs and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cnnapps.engine.plots import save_figure  # noqa: E402
+
 ROW_SECONDS = 10.0  # ECG strips: one row per 10 s, like a printed rhythm strip
 
 
@@ -39,12 +41,7 @@ def plot_image_attribution(image: np.ndarray, heat: np.ndarray, out_png: Path, t
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=120)
 
 
 def smooth(heat: np.ndarray, width: int) -> np.ndarray:
@@ -94,12 +91,7 @@ def plot_signal_attribution(signal: np.ndarray, fs: float, heats: Mapping[str, n
                     prev = name
     axes[-1, 0].set_xlabel("time (s)")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def plot_spectrogram_attribution(spec: np.ndarray, heat: np.ndarray, frames_per_s: float, out_png: Path,
@@ -119,9 +111,4 @@ def plot_spectrogram_attribution(spec: np.ndarray, heat: np.ndarray, frames_per_
         ax.set_ylabel("mel bin", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

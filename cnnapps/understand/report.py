@@ -16,6 +16,7 @@ import torch
 
 from cnnapps.data.root import cache_dir as default_cache_dir
 from cnnapps.data.root import find_data_root
+from cnnapps.engine.plots import save_figure
 from cnnapps.engine.runinfo import REPO_ROOT, config_path, load_average, run_facts
 from cnnapps.understand import plots
 from cnnapps.understand import visualize as vis
@@ -115,10 +116,7 @@ def _picture_attribution_grid(ckpt: Path, inputs: list[str], out_png: Path) -> d
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)
     if stage is None:
         stage = default_cam_stage(view, load_input(view, inputs[0]).x)
     return {"png": out_png.name, "stage": stage, "stage_module": view.backbone.feature_info.module_name(stage)}
@@ -190,10 +188,7 @@ def _picture_position_maps(trained: dict[str, TrainedBackbone], cfg: ProbeConfig
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_png)
     return {"png": out_png.name, "read_out_images": len(train)}
 
 

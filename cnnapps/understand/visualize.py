@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from cnnapps.engine.plots import save_figure  # noqa: E402
 from cnnapps.understand.attribution import stage_module, target_scores  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,6 @@ def plot_filters(weight: torch.Tensor, out_png: Path, title: str = "", fs: float
     """Picture of first-layer filters: a grid of images for 2D weights (out, in, kh, kw); for 1D weights
     (out, in, k) one row per filter with its waveform and its frequency response (``fs`` in Hz, else cycles per
     sample). Returns ``out_png``."""
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
     if weight.dim() == 4:
         tiles = filter_tiles(weight)[:max_filters]
         cols = min(8, len(tiles))
@@ -94,10 +93,7 @@ def plot_filters(weight: torch.Tensor, out_png: Path, title: str = "", fs: float
         axes[-1, 0].set_xlabel("tap", fontsize=8)
         axes[-1, 1].set_xlabel("frequency (Hz)" if fs else "cycles / sample", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=120)
 
 
 # ---------------------------------------------------------------- activation maximisation
@@ -226,12 +222,7 @@ def plot_maximized(result: MaximizeResult, labels: Sequence[str], out_png: Path,
             ax.plot(t, sig, color="black", lw=0.6)
         ax.set_title(f"{labels[k]} ({float(result.scores[k]):.1f})", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 # ---------------------------------------------------------------- top-k patches
@@ -313,9 +304,4 @@ def plot_patches(patches: Sequence[Patch], out_png: Path, title: str = "", fs: f
             ax.imshow(p.display, origin="lower", aspect="auto", cmap="magma")
         ax.set_title(f"#{p.index}: {p.score:.2f}", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

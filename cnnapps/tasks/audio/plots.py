@@ -14,6 +14,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchaudio.transforms as TT  # noqa: E402
 
+from cnnapps.engine.plots import save_figure  # noqa: E402
+
 
 def log_mel_for_display(wave: np.ndarray, sample_rate: int, n_fft: int, hop_length: int,
                         n_mels: int) -> np.ndarray:
@@ -50,7 +52,4 @@ def plot_examples(examples: Sequence[dict[str, Any]], out_png: Path, sample_rate
         ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

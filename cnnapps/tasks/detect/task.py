@@ -15,6 +15,7 @@ from cnnapps.data.images import picture_path
 from cnnapps.data.root import DataNotFoundError
 from cnnapps.engine.checkpoint import init_facts
 from cnnapps.engine.config import ConfigError, TrainConfig
+from cnnapps.engine.plots import save_figure
 from cnnapps.metrics.detection import DetectionMetrics
 from cnnapps.tasks.base import DataSplits, Task, TaskConfig
 from cnnapps.tasks.detect.data import (DATASETS, DetectionDataset, ImageCache, UnreadableImageError, build_cache,
@@ -191,9 +192,7 @@ class DetectTask(Task):
                title="test precision-recall, IoU 0.5 (COCO 101-point)")
         if len(names) <= 20:
             ax.legend(fontsize=7, loc="lower left")
-        fig.tight_layout()
-        fig.savefig(run_dir / "pr_curves.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, run_dir / "pr_curves.png")
         return {"precision-recall curves": "pr_curves.png"}
 
     def predict_options(self, parser: Any) -> None:

@@ -10,6 +10,8 @@ matplotlib.use("Agg")  # headless: runs and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cnnapps.engine.plots import save_figure  # noqa: E402
+
 
 def plot_ap_per_class(names: Sequence[str], ap: Sequence[float], f1: Sequence[float], m_ap: float,
                       baseline: float, out_png: Path) -> Path:
@@ -25,10 +27,7 @@ def plot_ap_per_class(names: Sequence[str], ap: Sequence[float], f1: Sequence[fl
     ax.set_xlim(0, 1)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("test split: per-class average precision and F1")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def draw_prediction(image: np.ndarray, names: Sequence[str], prob: np.ndarray, thresholds: np.ndarray,
@@ -50,7 +49,4 @@ def draw_prediction(image: np.ndarray, names: Sequence[str], prob: np.ndarray, t
     a1.set_xlim(0, 1)
     a1.set_xlabel("probability")
     a1.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=100)

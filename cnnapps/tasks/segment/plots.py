@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from cnnapps.engine.plots import save_figure  # noqa: E402
 from cnnapps.metrics.segmentation import IGNORE_INDEX  # noqa: E402
 
 
@@ -53,7 +54,4 @@ def plot_examples(examples: Sequence[tuple[np.ndarray | None, np.ndarray, np.nda
             ax.imshow(pic)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=100)
