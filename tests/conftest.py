@@ -19,6 +19,15 @@ def _data_root() -> Path | None:
 DATA_ROOT = _data_root()
 
 
+def ci_config(task, *overrides: str):
+    """``task``'s benchmark config (tasks/<task>/ci.toml, found as ``bench`` finds it), so a test fits exactly what
+    ``bench`` measures."""
+    from cnnapps.engine.config import load_config
+    from cnnapps.engine.runinfo import config_path
+
+    return load_config(task.Config, config_path(task.name, task.bench_config), list(overrides))
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The real data sets; tests needing them skip (with the reason) only where the folder is absent."""

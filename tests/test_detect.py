@@ -22,8 +22,8 @@ from cnnapps.tasks.cli import main
 from cnnapps.tasks.detect.data import DetectionDataError, collate_detection, hflip_sample
 from cnnapps.tasks.detect.model import DetectModel, build_detector
 from cnnapps.tasks.detect.task import DetectConfig, DetectTask
+from conftest import ci_config
 
-REPO = Path(__file__).resolve().parents[1]
 # Small and quick: 128-160 px images, one thread (robust on a shared machine), a few steps.
 TINY = ["model.min_size=128", "model.max_size=160", "model.fpn_channels=64", "model.box_head_size=64",
         "train.batch_size=2", "train.epochs=1", "train.max_steps_per_epoch=2", "train.threads=1",
@@ -370,7 +370,7 @@ def whole_image_baseline(dataset) -> dict[str, float]:
 @pytest.mark.slow
 def test_ci_config_beats_the_whole_image_baseline_on_pennfudan(tmp_path, data_root, meets_floor):
     # The CI benchmark itself (tasks/detect/ci.toml), on one thread so a busy shared machine does not stall it.
-    cfg = load_config(DetectConfig, REPO / "tasks/detect/ci.toml", ["train.threads=1"])
+    cfg = ci_config(DetectTask(), "train.threads=1")
     task = DetectTask()
     result = fit(task, cfg, tmp_path / "run", data_root, quiet=True)
     baseline = whole_image_baseline(task.build_data(cfg, data_root).test)

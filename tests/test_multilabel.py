@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from cnnapps.metrics.multilabel import MultiLabelMetrics, best_f1_thresholds, ma
 from cnnapps.tasks.cli import main
 from cnnapps.tasks.multilabel.model import balanced_pos_weight, multilabel_loss
 from cnnapps.tasks.multilabel.task import MultiLabelConfig, MultiLabelTask
+from conftest import ci_config
 
 
 @pytest.fixture(autouse=True)
@@ -118,25 +118,17 @@ def test_build_data_uses_the_checkpoints_preprocessing(data_root):
         MultiLabelTask().build_data(_cfg(), data_root, state=state)
 
 
-CI = Path(__file__).resolve().parents[1] / "tasks" / "multilabel" / "ci.toml"
-
-
-def _ci() -> MultiLabelConfig:
-    """The CI benchmark config itself (the test fits what `bench` measures)."""
-    return load_config(MultiLabelConfig, CI, [])
-
-
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, data_root):
     run = tmp_path_factory.mktemp("multilabel") / "run"
-    result = fit(MultiLabelTask(), _ci(), run, data_root, quiet=True)
+    result = fit(MultiLabelTask(), ci_config(MultiLabelTask()), run, data_root, quiet=True)
     return run, result
 
 
 @pytest.mark.slow
 def test_fit_beats_the_label_frequency_predictor(fitted, data_root, meets_floor):
     run, result = fitted
-    data = MultiLabelTask().build_data(_ci(), data_root)
+    data = MultiLabelTask().build_data(ci_config(MultiLabelTask()), data_root)
     train_y = (data.train.targets * data.train.mask).numpy()
     freq = train_y.sum(0) / data.train.mask.numpy().sum(0)
     test_ds = data.test.datasets[1]

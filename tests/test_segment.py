@@ -25,6 +25,7 @@ from cnnapps.tasks.segment.config import SegmentData
 from cnnapps.tasks.segment.data import split_stems
 from cnnapps.tasks.segment.semantic import augment_pair, dice_loss
 from cnnapps.tasks.segment.task import SegmentConfig, SegmentTask
+from conftest import ci_config
 
 
 @pytest.fixture(autouse=True)
@@ -184,24 +185,16 @@ def test_unknown_mode_and_backbone_are_config_errors(data_root):
 # ---------------------------------------------------------------- training, predict, transfer
 
 
-CI = Path(__file__).resolve().parents[1] / "tasks" / "segment" / "ci.toml"
-
-
-def _ci() -> SegmentConfig:
-    """The CI benchmark config itself (the test fits what `bench` measures)."""
-    return load_config(SegmentConfig, CI, [])
-
-
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, data_root):
     run = tmp_path_factory.mktemp("segment") / "run"
-    return run, fit(SegmentTask(), _ci(), run, data_root, quiet=True)
+    return run, fit(SegmentTask(), ci_config(SegmentTask()), run, data_root, quiet=True)
 
 
 @pytest.mark.slow
 def test_fit_beats_all_background(fitted, data_root, meets_floor):
     run, result = fitted
-    data = SegmentTask().build_data(_ci(), data_root)
+    data = SegmentTask().build_data(ci_config(SegmentTask()), data_root)
     masks = np.stack([data.test[i]["mask"].numpy() for i in range(len(data.test))])
     background = SegmentationMetrics(data.state["class_names"])
     background.update(torch.zeros(len(masks), 2, *masks.shape[1:]).index_fill_(1, torch.tensor([0]), 1.0),
