@@ -57,21 +57,28 @@ class InstanceMode(SegmentMode):
 
     def __init__(self) -> None:
         self.detect = DetectTask()
+        self._translated: tuple[SegmentConfig, DetectConfig] | None = None
+
+    def _detect_config(self, cfg: SegmentConfig) -> DetectConfig:
+        """``detect_config(cfg)``, translated once per config object rather than on every training step."""
+        if self._translated is None or self._translated[0] is not cfg:
+            self._translated = (cfg, detect_config(cfg))
+        return self._translated[1]
 
     def build_data(self, cfg: SegmentConfig, data_root: Path, state: dict | None = None,
                    split: str | None = None) -> DataSplits:
-        data = self.detect.build_data(detect_config(cfg), data_root, state, split)
+        data = self.detect.build_data(self._detect_config(cfg), data_root, state, split)
         data.state["mode"] = self.name
         return data
 
     def build_model(self, cfg: SegmentConfig, data: DataSplits) -> nn.Module:
-        return self.detect.build_model(detect_config(cfg), data)
+        return self.detect.build_model(self._detect_config(cfg), data)
 
     def step(self, model: nn.Module, batch: Any, cfg: SegmentConfig) -> dict[str, Any]:
-        return self.detect.step(model, batch, detect_config(cfg))
+        return self.detect.step(model, batch, self._detect_config(cfg))
 
     def metrics(self, cfg: SegmentConfig, data: DataSplits) -> Metric:
-        return self.detect.metrics(detect_config(cfg), data)
+        return self.detect.metrics(self._detect_config(cfg), data)
 
     def report(self, run_dir: Path, metric: Metric, data: DataSplits) -> dict[str, str]:
         return self.detect.report(run_dir, metric, data)
@@ -83,5 +90,5 @@ class InstanceMode(SegmentMode):
                 device: torch.device, out_dir: Path | None = None, score_threshold: float = 0.5,
                 **kw: Any) -> Iterator[dict]:
         """Boxes, scores and masks drawn on each image (``<stem>_detections.png``), one JSON line each."""
-        return self.detect.predict(model, inputs, state, detect_config(cfg), device, out_dir=out_dir,
+        return self.detect.predict(model, inputs, state, self._detect_config(cfg), device, out_dir=out_dir,
                                    score_threshold=score_threshold)

@@ -9,6 +9,7 @@ not the task's (``mIoU``) needs ``train.monitor`` set in its TOML (``build_data`
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,8 +59,10 @@ class SegmentMode:
         """Flags this mode adds to ``predict`` beyond the shared ones (``--alpha``)."""
 
 
+@functools.cache
 def get_mode(name: str) -> SegmentMode:
-    """The mode called ``name``; ConfigError naming the known modes, or the missing module of a known one."""
+    """The mode called ``name`` (one shared instance per name: the task asks on every call, every training step
+    included); ConfigError naming the known modes, or the missing module of a known one."""
     if name not in MODES:
         raise ConfigError(f"mode: unknown segmentation mode {name!r} (choose from {', '.join(MODES)})")
     module, _, cls = MODES[name].partition(":")
