@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnapps.engine.config import to_dict
 from cnnapps.engine.runinfo import REPO_ROOT, run_facts
 from cnnapps.engine.trainer import MeanOfModels, evaluate_model, load_for_evaluation
-from cnnapps.tasks.base import Task
+from cnnapps.tasks.base import Task, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ def soup_report(task: Task, paths: Sequence[str | os.PathLike], data_root: str |
                 greedy: bool = True, monitor: str | None = None) -> dict:
     """Evaluate each checkpoint, their ensemble, the uniform soup and (optionally) the greedy soup on the
     validation and test splits. Returns a JSON-ready record with one row per candidate."""
-    models, cfg, data = load_for_evaluation(task, paths, data_root, split="test")
+    models, cfgs, data = load_for_evaluation(task, paths, data_root, split="test")
+    cfg = cfgs[0]
     monitor = monitor or cfg.train.monitor or task.monitor
     sign = 1.0 if task.monitor_mode == "max" else -1.0
     states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
@@ -72,7 +74,7 @@ def soup_report(task: Task, paths: Sequence[str | os.PathLike], data_root: str |
         rows.append({"candidate": f"greedy soup of {len(chosen)} ({', '.join(str(j) for j in chosen)})",
                      "val": v, "test": t})
     return {"task": task.name, "monitor": monitor, "checkpoints": [str(p) for p in paths],
-            "best_single": best["candidate"], "rows": rows, "differences": config_differences(paths),
+            "best_single": best["candidate"], "rows": rows, "differences": config_differences(cfgs),
             **run_facts(next(scratch.parameters()).device)}
 
 
@@ -84,12 +86,10 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def config_differences(paths: Sequence[str | os.PathLike]) -> dict[str, list]:
-    """The config keys whose values differ between the checkpoints (the recipe of each ingredient), key -> one
-    value per checkpoint; a soup report shows them so that a reader knows what was varied."""
-    from cnnapps.engine.checkpoint import load_checkpoint
-
-    flats = [_flat(load_checkpoint(p).get("config", {})) for p in paths]
+def config_differences(cfgs: Sequence[TaskConfig]) -> dict[str, list]:
+    """The config keys whose values differ between the checkpoints' configs (the recipe of each ingredient),
+    key -> one value per checkpoint; a soup report shows them so that a reader knows what was varied."""
+    flats = [_flat(to_dict(c)) for c in cfgs]
     keys = sorted(set().union(*flats))
     return {k: [f.get(k) for f in flats] for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1}
 

@@ -508,13 +508,14 @@ def evaluate_model(task: Task, model: nn.Module, cfg: TaskConfig, data: DataSpli
 
 
 def load_for_evaluation(task: Task, paths: Sequence[str | os.PathLike], data_root: str | os.PathLike,
-                        split: str = "test") -> tuple[list[nn.Module], TaskConfig, DataSplits]:
-    """Models of ``paths`` (on the auto device) and the data built with the first checkpoint's preprocessing."""
+                        split: str = "test") -> tuple[list[nn.Module], list[TaskConfig], DataSplits]:
+    """Models of ``paths`` (on the auto device), the config each was trained with, and the data built with the
+    first checkpoint's config and preprocessing."""
     device = resolve_device("auto")
     loaded = [model_from_checkpoint(task, p, device) for p in paths]
     _, cfg, data_state = loaded[0]
     data = task.build_data(cfg, Path(data_root), state=data_state, split=split)
-    return [m for m, _, _ in loaded], cfg, data
+    return [m for m, _, _ in loaded], [c for _, c, _ in loaded], data
 
 
 def evaluate_checkpoints(task: Task, paths: Sequence[str | os.PathLike], data_root: str | os.PathLike,
@@ -522,7 +523,8 @@ def evaluate_checkpoints(task: Task, paths: Sequence[str | os.PathLike], data_ro
                          quiet: bool = False) -> dict[str, float]:
     """Evaluate one checkpoint (or the mean of several: an ensemble) on a split, with the preprocessing saved in
     the first checkpoint. ``split='all'`` evaluates every example of the folder ``data_root``."""
-    models, cfg, data = load_for_evaluation(task, paths, data_root, split)
+    models, cfgs, data = load_for_evaluation(task, paths, data_root, split)
+    cfg = cfgs[0]
     model = models[0] if len(models) == 1 else MeanOfModels(models)
     values, metric = evaluate_model(task, model, cfg, data, split, quiet=quiet)
     for reason, count in data.skipped.items():
