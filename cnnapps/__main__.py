@@ -13,7 +13,6 @@ stderr and exit status 2 instead of a traceback.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,17 +30,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
-    """``["k=v", ...]`` -> ``{k: v}``; values are Python literals where they parse (``2``, ``0.5``, ``True``,
-    ``(1, 2)``), strings otherwise."""
+    """``["k=v", ...]`` -> ``{k: v}``; values are TOML literals where they parse (``2``, ``0.5``, ``true``,
+    ``[1, 2]``), text otherwise: the same rule as every task command's ``--set``."""
+    from cnnapps.engine.config import literal
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
+        out[key.strip()] = literal(value.strip())
     return out
 
 
@@ -84,9 +82,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Every task's ci benchmark (--all), the side-by-side speed report (--speed), or both; floors checked."""
     import logging
 
-    from cnnapps.bench_suite import check_floors, run_all
+    from cnnapps.bench.results import check_floors
+    from cnnapps.bench.run import run_all
     from cnnapps.data.root import find_data_root
-    from cnnapps.speed import run_speed
+    from cnnapps.bench.speed import run_speed
 
     if not (args.all or args.speed):
         raise ValueError("bench: say --all (every task's ci benchmark) and/or --speed")
@@ -113,7 +112,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_soup(args: argparse.Namespace) -> int:
     """Best single checkpoint, ensemble, uniform soup and greedy soup, ranked on validation; results/soup.md."""
     from cnnapps.data.root import find_data_root
-    from cnnapps.engine.averaging import soup_report, write_soup_report
+    from cnnapps.bench.soup import soup_report, write_soup_report
     from cnnapps.tasks import get_task
 
     record = soup_report(get_task(args.task), args.checkpoints, find_data_root(args.data_dir), greedy=args.greedy)
@@ -238,11 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=parse_shape, default=None,
                    help="input shape without batch, e.g. 3,224,224 or 1,8192 (default: the backbone's)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default: the family's)")
-    p.add_argument("--set", nargs="*", default=[], metavar="K=V", help="backbone keyword arguments, e.g. lrn=False")
+    p.add_argument("--set", nargs="*", default=[], metavar="K=V", help="backbone keyword arguments as TOML values, e.g. lrn=false")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("bench", help="every task's ci benchmark and/or the speed report, into results/")
-    p.add_argument("--all", action="store_true", help="run each task's tasks/<task>/ci.toml; write results/README.md")
+    p.add_argument("--all", action="store_true", help="run each task's ci config; write results/README.md")
     p.add_argument("--speed", action="store_true", help="write results/speed.md (ours against torchvision, ...)")
     p.add_argument("--quick", action="store_true", help="--speed with fewer models and repeats")
     p.add_argument("--tasks", nargs="*", default=[], help="only these tasks (default: all installed)")

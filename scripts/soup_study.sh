@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The model-soup study behind results/soup.md (Wortsman et al. 2022, on a CPU budget): one LeNet-5 pretrained on
-# a 12,000-digit MNIST subset (tasks/classify/ci.toml), then five fine-tunes of it on the full training set that
+# a 12,000-digit MNIST subset (the classify ci config), then five fine-tunes of it on the full training set that
 # differ in seed, learning rate, augmentation and label smoothing; all share the pretrained initialisation and
 # keep its head (train.reset_head=false), as soups require. Then best single, ensemble, uniform and greedy soup,
 # ranked on the validation split. About 6 minutes on an idle 2-core CPU.
@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 out=${1:-runs/soup}
 export CNNAPPS_DATA="${CNNAPPS_DATA:-$(cd .. && pwd)/shared/data}"
-$py -m cnnapps.tasks.classify train --config tasks/classify/ci.toml --out "$out/base" --quiet
-common=(--config tasks/classify/mnist_lenet5.toml --quiet --set train.epochs=2 --set train.warmup_epochs=0
+$py -m cnnapps.tasks.classify train --config ci --out "$out/base" --quiet
+common=(--config mnist_lenet5 --quiet --set train.epochs=2 --set train.warmup_epochs=0
         --set "train.init_checkpoint=$out/base/checkpoints/best.pt" --set train.reset_head=false)
 variants=("seed=1 lr=0.01 aug=true ls=0.0"
           "seed=2 lr=0.02 aug=true ls=0.0"

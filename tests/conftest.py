@@ -20,12 +20,11 @@ DATA_ROOT = _data_root()
 
 
 def ci_config(task, *overrides: str):
-    """``task``'s benchmark config (tasks/<task>/ci.toml, found as ``bench`` finds it), so a test fits exactly what
+    """``task``'s benchmark config (its shipped ``ci`` config, found as ``bench`` finds it), so a test fits exactly what
     ``bench`` measures."""
     from cnnapps.engine.config import load_config
-    from cnnapps.engine.runinfo import config_path
 
-    return load_config(task.Config, config_path(task.name, task.bench_config), list(overrides))
+    return load_config(task.Config, task.bench_config, list(overrides), search=task.config_dir())
 
 
 @pytest.fixture(scope="session")
@@ -43,10 +42,10 @@ def _threads() -> None:
 
 @pytest.fixture(scope="session")
 def meets_floor():
-    """``meets_floor(task, metrics)``: assert the test metrics of a fit of ``tasks/<task>/ci.toml`` hold the floors
+    """``meets_floor(task, metrics)``: assert the test metrics of a fit of the task's ``ci`` config hold the floors
     in results/floors.toml (the same check as ``bench --all --check-floors``), so a test that already fits the ci
     config enforces them without CI training it twice."""
-    from cnnapps.bench_suite import check_floors
+    from cnnapps.bench.results import check_floors
 
     def check(task: str, metrics: dict) -> None:
         failures = check_floors([{"task": task, "test": metrics}], REPO / "results" / "floors.toml")

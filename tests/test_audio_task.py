@@ -18,7 +18,7 @@ from cnnapps.engine.config import ConfigError, load_config
 from cnnapps.tasks.audio.task import AudioConfig, AudioModel, AudioTask
 from cnnapps.tasks.base import DataSplits
 
-CONFIGS = Path(__file__).resolve().parents[1] / "tasks" / "audio"
+CONFIGS = AudioTask.config_dir()
 
 
 def _data_root() -> Path | None:
@@ -55,11 +55,11 @@ def _model(cfg: AudioConfig | None = None, state: dict | None = None) -> AudioMo
 # ---------------------------------------------------------------- configs and model
 
 
-def test_defaults_equal_fsdd_toml():
-    assert load_config(AudioConfig, CONFIGS / "fsdd.toml") == AudioConfig()
+def test_default_is_the_dataclass_defaults():
+    assert load_config(AudioConfig, "default", search=CONFIGS) == AudioConfig()
 
 
-@pytest.mark.parametrize("name", ["fsdd.toml", "fsdd_speaker.toml", "ci.toml"])
+@pytest.mark.parametrize("name", ["fsdd_speaker.toml", "ci.toml"])
 def test_shipped_configs_load(name: str):
     cfg = load_config(AudioConfig, CONFIGS / name)
     assert cfg.data.dataset == "fsdd"

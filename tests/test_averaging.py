@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from cnnapps.engine.averaging import average_state_dicts, soup_report, write_soup_report
+from cnnapps.bench.soup import average_state_dicts, soup_report, write_soup_report
 from cnnapps.engine.checkpoint import load_checkpoint
 from cnnapps.engine.config import load_config
 from cnnapps.engine.trainer import evaluate_checkpoints, fit

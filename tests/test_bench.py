@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import json
 
-from cnnapps.bench_suite import check_floors, write_summary
-from cnnapps.engine.bench import run_task_bench
+from cnnapps.bench.results import check_floors, write_summary
+from cnnapps.bench.run import run_task_bench
 from cnnapps.tasks.classify.task import ClassifyTask
 from conftest import REPO
 
 
 def test_bench_writes_a_section_per_config_and_keeps_others(tmp_path, data_root):
     sets = ["data.train_subset=320", "data.test_subset=128", "train.epochs=1", "train.max_steps_per_epoch=2"]
-    md = run_task_bench(ClassifyTask(), REPO / "tasks/classify/ci.toml", data_root, overrides=sets,
+    md = run_task_bench(ClassifyTask(), "ci", data_root, overrides=sets,
                         results_dir=tmp_path, quiet=True)
-    run_task_bench(ClassifyTask(), REPO / "tasks/classify/mnist_lenet5.toml", data_root, overrides=sets,
+    run_task_bench(ClassifyTask(), "mnist_lenet5", data_root, overrides=sets,
                    results_dir=tmp_path, quiet=True)
     doc = json.loads(md.with_suffix(".json").read_text())
     assert set(doc["runs"]) == {"ci", "mnist_lenet5"}
@@ -22,7 +22,7 @@ def test_bench_writes_a_section_per_config_and_keeps_others(tmp_path, data_root)
         assert run[key], key
     assert run["test"]["examples"] == 128 and 0 <= run["test"]["accuracy"] <= 1
     text = md.read_text()
-    assert "## `tasks/classify/ci.toml`" in text and "## `tasks/classify/mnist_lenet5.toml`" in text
+    assert "## `ci`" in text and "## `mnist_lenet5`" in text
 
     summary = write_summary([run], tmp_path).read_text()
     assert f"| classify | mnist | accuracy | {run['test']['accuracy']:.4f} |" in summary
@@ -41,13 +41,13 @@ def test_floors_fail_on_a_drop(tmp_path):
 
 
 def test_a_finished_train_run_is_recorded_with_its_differences(tmp_path, data_root):
-    from cnnapps.engine.bench import record_finished_run
+    from cnnapps.bench.run import record_finished_run
     from cnnapps.engine.config import load_config
     from cnnapps.engine.trainer import fit
     from cnnapps.tasks.classify.task import ClassifyConfig
 
-    ci = REPO / "tasks/classify/ci.toml"
-    cfg = load_config(ClassifyConfig, ci, ["data.train_subset=320", "data.test_subset=128", "train.epochs=1"])
+    ci = "ci"
+    cfg = load_config(ClassifyConfig, ci, search=ClassifyTask.config_dir(), overrides=["data.train_subset=320", "data.test_subset=128", "train.epochs=1"])
     result = fit(ClassifyTask(), cfg, tmp_path / "run", data_root, quiet=True)
     md = record_finished_run(ClassifyTask(), tmp_path / "run", str(ci), tmp_path, "classify")
     run = json.loads(md.with_suffix(".json").read_text())["runs"]["ci"]

@@ -369,7 +369,7 @@ def whole_image_baseline(dataset) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_ci_config_beats_the_whole_image_baseline_on_pennfudan(tmp_path, data_root, meets_floor):
-    # The CI benchmark itself (tasks/detect/ci.toml), on one thread so a busy shared machine does not stall it.
+    # The CI benchmark itself (its shipped ci config), on one thread so a busy shared machine does not stall it.
     cfg = ci_config(DetectTask(), "train.threads=1")
     task = DetectTask()
     result = fit(task, cfg, tmp_path / "run", data_root, quiet=True)

@@ -267,13 +267,13 @@ def test_augmentation_changes_amplitude_and_baseline_only_where_asked():
     assert torch.allclose(ratio, ratio[0]) and 0.8 <= float(ratio[0]) <= 1.2
 
 
-def test_default_toml_equals_the_dataclass_defaults():
-    assert load_config(ECGConfig, REPO / "tasks" / "ecg" / "default.toml") == ECGConfig()
+def test_default_config_is_the_dataclass_defaults():
+    assert load_config(ECGConfig, "default", search=ECGTask.config_dir()) == ECGConfig()
 
 
 @pytest.mark.parametrize("name", ["default", "ci", "hannun", "mitdb_rhythm", "mitdb_beats"])
 def test_every_config_file_loads_and_builds_its_model(name):
-    cfg = load_config(ECGConfig, REPO / "tasks" / "ecg" / f"{name}.toml")
+    cfg = load_config(ECGConfig, name, search=ECGTask.config_dir())
     from cnnapps.tasks.base import DataSplits
     from cnnapps.tasks.ecg.task import _settings
 

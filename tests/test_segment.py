@@ -255,7 +255,7 @@ def test_transfer_from_a_multilabel_checkpoint_loads_the_backbone_and_freezes_st
 def test_instance_mode_translates_its_config_and_names_bad_keys():
     from cnnapps.tasks.segment.instance import detect_config
 
-    cfg = load_config(SegmentConfig, Path(__file__).parents[1] / "tasks" / "segment" / "instance.toml", [])
+    cfg = load_config(SegmentConfig, SegmentTask.config_dir() / "instance.toml", [])
     d = detect_config(cfg)
     assert (d.model.arch, d.model.backbone, d.model.min_size, d.data.dataset) == ("maskrcnn", "resnet18", 192,
                                                                                   "pennfudan")
@@ -270,7 +270,7 @@ def test_instance_mode_translates_its_config_and_names_bad_keys():
 
 @pytest.mark.slow
 def test_instance_mode_fits_scores_mask_ap_and_predicts(tmp_path, data_root, capsys):
-    config = Path(__file__).parents[1] / "tasks" / "segment" / "instance.toml"
+    config = SegmentTask.config_dir() / "instance.toml"
     small = ["--set", "train.epochs=1", "--set", "instance.data.train_subset=8", "--set",
              "instance.data.val_subset=2", "--set", "instance.data.test_subset=4", "--set",
              "instance.model.min_size=128", "--set", "instance.model.max_size=192"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from cnnapps.speed import compare_with_torchvision, conv_vs_matmul, format_speed, model_throughput
+from cnnapps.bench.speed import compare_with_torchvision, conv_vs_matmul, format_speed, model_throughput
 
 
 def test_side_by_side_rows_measure_both_implementations():

@@ -70,7 +70,7 @@ def test_cli_summary_prints_totals(capsys):
     assert main(["summary", "vgg16", "--input", "3,224,224"]) == 0
     out = capsys.readouterr().out
     assert "138,357,544" in out and "features.28" in out
-    assert main(["summary", "alexnet", "--num-classes", "10", "--set", "groups=2", "lrn=False"]) == 0
+    assert main(["summary", "alexnet", "--num-classes", "10", "--set", "groups=2", "lrn=false"]) == 0
     out = capsys.readouterr().out
     assert "LocalResponseNorm" not in out and f"Total params: {60_965_224 - 4096 * 990 - 990:,}" in out
     assert main(["summary", "hannun34_1d", "--input", "1,1024", "--set", "width=8"]) == 0

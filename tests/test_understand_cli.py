@@ -12,7 +12,6 @@ from PIL import Image
 
 from cnnapps.__main__ import main
 from cnnapps.engine.config import load_config
-from cnnapps.engine.runinfo import config_path
 from cnnapps.engine.trainer import fit
 from cnnapps.tasks import get_task
 from cnnapps.understand.attribution import METHODS
@@ -26,11 +25,11 @@ SMOKE = {"classify": ["train.epochs=1", "train.max_steps_per_epoch=3"],
 
 @pytest.fixture(scope="module")
 def ckpts(data_root, tmp_path_factory):
-    """best.pt of a few training steps of each task's tasks/<task>/ci.toml."""
+    """best.pt of a few training steps of each task's shipped ci config."""
     out = {}
     for name, extra in SMOKE.items():
         task = get_task(name)
-        cfg = load_config(task.Config, config_path(name, "ci.toml"), extra + ["train.threads=2"])
+        cfg = load_config(task.Config, "ci", extra + ["train.threads=2"], search=task.config_dir())
         run = tmp_path_factory.mktemp(name)
         fit(task, cfg, run, data_root, quiet=True)
         out[name] = run / "checkpoints" / "best.pt"

@@ -2,56 +2,121 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import os
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or gives a value of the wrong type."""
+    """A config file or override names an unknown key, or gives a value of the wrong type or out of range."""
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
+           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+           default_factory: Callable[[], Any] | None = None) -> Any:
+    """A config field that says what it means and which values it takes: ``help`` is printed by
+    ``cnnapps <task> config``; ``choices`` and the bounds (``ge`` >=, ``gt`` >, ``le`` <=, ``lt`` <) are checked
+    when a config loads, element by element for lists. Floats must also be finite."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None,
+                "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def allowed(f: dataclasses.Field) -> str:
+    """The allowed values of field ``f`` in words (``one of sgd, adam``, ``>= 1``), or "" when unconstrained."""
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(map(str, m["choices"]))
+    bounds = [f"{op} {m[k]:g}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+              if m.get(k) is not None]
+    return " and ".join(bounds)
+
+
+def _check_value(f: dataclasses.Field, value: Any, key: str) -> None:
+    """ConfigError naming ``key``, its value and what is allowed, if ``value`` breaks ``f``'s metadata."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_value(f, v, f"{key}[{i}]")
+        return
+    m = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} = {value}: must be a finite number")
+    choices = m.get("choices")
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(map(str, choices))}{hint}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for k, ok in (("ge", lambda b: value >= b), ("gt", lambda b: value > b), ("le", lambda b: value <= b),
+                      ("lt", lambda b: value < b)):
+            if m.get(k) is not None and not ok(m[k]):
+                raise ConfigError(f"{key} = {value!r}: must be {allowed(f)}")
 
 
 @dataclass
 class TrainConfig:
     """The engine's section, identical for every task (``[train]`` in a task's TOML)."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    eval_batch_size: int = 0  # 0: same as batch_size
-    max_steps_per_epoch: int = 0  # 0: the whole training split (smoke tests use a few)
-    optimizer: str = "sgd"  # sgd | adam | adamw | rmsprop
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # none | step | cosine | onecycle | plateau
-    warmup_epochs: float = 0.0  # linear warm-up (cosine and step)
-    step_size: int = 10  # step schedule: epochs between decays
-    gamma: float = 0.1  # step and plateau: decay factor
-    plateau_patience: int = 2
-    grad_clip: float = 0.0  # max global grad norm; 0: off
-    grad_accum: int = 1  # micro-batches per optimiser step
-    label_smoothing: float = 0.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    channels_last: bool = False
-    compile: bool = False
-    monitor: str = ""  # metric picking best.pt; "": the task's default
-    early_stop_patience: int = 0  # epochs without improvement of `monitor`; 0: off
-    ema_decay: float = 0.0  # Polyak averaging of weights; 0: off
-    num_workers: int = -1  # -1: chosen for the device
-    threads: int = 0  # torch intra-op threads; 0: leave torch's default
-    seed: int = 0
-    deterministic: bool = True  # repeatable CPU runs (resume equals an uninterrupted run)
-    eval_every: int = 1  # epochs between validation passes
-    init_checkpoint: str = ""  # start from these weights (transfer learning)
-    freeze_stages: int = 0  # freeze the first N feature stages of the backbone (stem included); -1: all but the head
-    reset_head: bool = True  # with init_checkpoint: leave the head freshly initialised (new classes)
-    backbone_lr_mult: float = 1.0  # learning rate of pretrained backbone parameters relative to lr
-    sync_bn: bool = False  # SyncBatchNorm under torch.distributed
+    epochs: int = option(10, help="passes over the training split", ge=1)
+    batch_size: int = option(64, help="examples per optimiser step (all processes and micro-batches together)",
+                             ge=1)
+    eval_batch_size: int = option(0, help="examples per evaluation batch; 0: batch_size", ge=0)
+    max_steps_per_epoch: int = option(0, help="cap on optimiser steps per epoch (smoke runs); 0: the whole split",
+                                      ge=0)
+    optimizer: str = option("sgd", help="optimiser", choices=("sgd", "adam", "adamw", "rmsprop"))
+    lr: float = option(0.01, help="learning rate (the peak of onecycle)", gt=0)
+    momentum: float = option(0.9, help="SGD and RMSProp momentum", ge=0, lt=1)
+    nesterov: bool = option(False, help="Nesterov momentum (SGD)")
+    weight_decay: float = option(0.0, help="L2 penalty (decoupled for adamw)", ge=0)
+    schedule: str = option("cosine", help="learning-rate schedule, stepped per optimiser step (plateau: per "
+                           "validation)", choices=("none", "step", "cosine", "onecycle", "plateau"))
+    warmup_epochs: float = option(0.0, help="linear warm-up in epochs (none, cosine and step)", ge=0)
+    step_size: int = option(10, help="step schedule: epochs between decays", ge=1)
+    gamma: float = option(0.1, help="step and plateau: decay factor", gt=0, le=1)
+    plateau_patience: int = option(2, help="plateau: validations without improvement before a decay", ge=0)
+    grad_clip: float = option(0.0, help="largest global gradient norm; 0: no clipping", ge=0)
+    grad_accum: int = option(1, help="micro-batches per optimiser step (the global batch stays batch_size)", ge=1)
+    label_smoothing: float = option(0.0, help="label smoothing of cross-entropy losses", ge=0, lt=1)
+    precision: str = option("fp32", help="autocast precision (fp16 adds a gradient scaler)",
+                            choices=("fp32", "bf16", "fp16"))
+    device: str = option("auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    channels_last: bool = option(False, help="4D inputs and weights in channels_last memory format")
+    compile: bool = option(False, help="torch.compile the training model")
+    monitor: str = option("", help="validation metric that picks best.pt and drives early stopping and plateau; "
+                          "\"\": the task's default")
+    early_stop_patience: int = option(0, help="validations without improvement of monitor before stopping; 0: off",
+                                      ge=0)
+    ema_decay: float = option(0.0, help="Polyak (EMA) average of the weights, also validated; 0: off", ge=0, lt=1)
+    num_workers: int = option(-1, help="DataLoader worker processes; -1: chosen for the device", ge=-1)
+    threads: int = option(0, help="torch intra-op threads; 0: torch's default", ge=0)
+    seed: int = option(0, help="seed of weights, shuffling and augmentation")
+    deterministic: bool = option(True, help="deterministic algorithms (a resumed CPU run equals an uninterrupted one)")
+    eval_every: int = option(1, help="epochs between validation passes (the last epoch is always validated)", ge=1)
+    init_checkpoint: str = option("", help="start from these weights: a cnnapps checkpoint or a state_dict file "
+                                  "(transfer learning); \"\": from scratch")
+    freeze_stages: int = option(0, help="freeze the backbone's first N feature stages (stem included); -1: all but "
+                                "the head", ge=-1)
+    reset_head: bool = option(True, help="with init_checkpoint: keep the head freshly initialised (new classes)")
+    backbone_lr_mult: float = option(1.0, help="learning rate of backbone parameters relative to lr", ge=0)
+    sync_bn: bool = option(False, help="SyncBatchNorm under torch.distributed")
+    loggers: list[str] = option(help="where metrics go besides the console: jsonl (metrics.jsonl, always "
+                                "written), tensorboard (events under tensorboard/), csv (metrics.csv)",
+                                choices=("jsonl", "tensorboard", "csv"), default_factory=lambda: ["jsonl"])
+
+    def check(self) -> None:
+        """Rules between fields and of free text, checked when a config loads."""
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError(f"train.device = {self.device!r}: must be auto, cpu, cuda or cuda:N")
 
 
 # ---------------------------------------------------------------- reading
@@ -77,8 +142,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} fits none of {', '.join(_type_name(a) for a in args)}")
     if origin in (list, tuple):
         (inner, *_rest) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [v for v in (p.strip() for p in value.strip("[]()").split(",")) if v]
+        if isinstance(value, str):  # --set: a TOML array (["a", "b"]), else comma-separated bare items (a,b)
+            parsed = literal(value) if value.lstrip().startswith("[") else value
+            value = parsed if isinstance(parsed, list) else \
+                [v for v in (p.strip() for p in value.strip("[]()").split(",")) if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
@@ -90,7 +157,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         # as TOML literals ("8" -> 8, "true" -> True, "[1, 2]" -> [1, 2]), else kept as text.
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
-        return {k: _literal(v) for k, v in value.items()}
+        return {k: literal(v) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -130,7 +197,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
 
 
-def _literal(value: Any) -> Any:
+def literal(value: Any) -> Any:
+    """A ``--set`` value as a TOML literal (``8`` -> 8, ``true`` -> True, ``[1, 2]``, ``"x"``), else the text as
+    it is (``resnet18``): the one rule for every command's ``--set``."""
     if not isinstance(value, str):
         return value
     try:
@@ -151,7 +220,14 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
         where = f"[{prefix}]" if prefix else "the top level"
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; known: {', '.join(types_)}")
     kwargs = {name: _coerce(v, types_[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
-    return cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            _check_value(f, kwargs[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if callable(check):
+        check()
+    return obj
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -187,17 +263,72 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults of ``cls``, then the TOML file at ``path``, then ``overrides``; returns a ``cls`` instance."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+def _read_toml(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+
+
+def config_names(search: Path | None) -> list[str]:
+    """The config names (file stems) a task ships in the folder ``search``, sorted; ``default`` is always one."""
+    names = {"default"}
+    if search is not None and search.is_dir():
+        names |= {f.stem for f in search.glob("*.toml")}
+    return sorted(names)
+
+
+def find_config(config: str | os.PathLike, search: Path | None = None) -> Path | None:
+    """The file a ``--config`` value names: an existing path as it is, else ``<search>/<name>.toml`` (a task's
+    shipped configs). ``default`` without such a file means the task's built-in defaults: None.
+    ConfigError naming the value and the choices when neither exists."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".toml") else path.name
+    if search is not None and path.parent == Path(".") and (search / f"{stem}.toml").is_file():
+        return search / f"{stem}.toml"
+    if str(config) in ("default", "default.toml"):
+        return None
+    raise ConfigError(f"config {str(config)!r} not found: no such file, and no shipped config of that name "
+                      f"(shipped: {', '.join(config_names(search))})")
+
+
+def config_label(config: str | os.PathLike | None, search: Path | None = None) -> str:
+    """How results name a config: a shipped config by its name (``ci``), a user's file by its path, none by
+    ``default``."""
+    found = find_config(config, search) if config is not None else None
+    if found is None:
+        return "default"
+    if search is not None and found.resolve().parent == search.resolve():
+        return found.stem
+    return str(config)
+
+
+def read_config(config: str | os.PathLike | None, search: Path | None = None, _seen: tuple[str, ...] = ()) -> dict:
+    """The values a config file sets, over those of its ``base`` (a config name or a path, looked up beside the
+    file first), key by key. None or ``default``: {} (the dataclass defaults)."""
+    found = find_config(config, search) if config is not None else None
+    if found is None:
+        return {}
+    where = str(found)
+    if where in _seen:
+        raise ConfigError(f"{where}: base chain loops: {' -> '.join(_seen + (where,))}")
+    values = _read_toml(found.read_text(), where)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{where}: base must be a config name or path, got {base!r}")
+    beside = found.parent / base
+    return _merge(read_config(beside if beside.is_file() else base, found.parent, _seen + (where,)), values)
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                search: Path | None = None) -> Any:
+    """Defaults of ``cls``, then the config ``path`` names (a file, or a shipped name looked up in ``search``;
+    its ``base`` first), then ``overrides``; returns a validated ``cls`` instance."""
+    values = read_config(path, search)
     if overrides:
         values = _merge(values, parse_overrides(overrides))
     try:

@@ -27,6 +27,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def results_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where results files go: ``path`` if given; else the checkout's ``results/`` when the package runs from a
+    checkout of this repository; else ``./results`` (an installed package writes beside its user)."""
+    if path is not None:
+        return Path(path)
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "results").is_dir():
+        return REPO_ROOT / "results"
+    return Path("results")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -61,7 +71,3 @@ def run_facts(device: torch.device | str = "cpu") -> dict[str, str]:
             "time_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "torch": torch.__version__, "python": platform.python_version()}
 
-
-def config_path(task: str, name: str) -> Path:
-    """``tasks/<task>/<name>`` in the checkout this package runs from."""
-    return REPO_ROOT / "tasks" / task / name

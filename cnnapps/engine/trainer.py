@@ -31,7 +31,7 @@ from cnnapps.engine.runinfo import load_average, run_facts
 from cnnapps.engine.sampling import EpochShardSampler
 from cnnapps.engine.seeding import epoch_seed, rng_states, seed_everything, seed_worker, set_rng_states
 from cnnapps.metrics.base import Metric, headline
-from cnnapps.tasks.base import DataSplits, Task, TaskConfig
+from cnnapps.engine.task import DataSplits, Task, TaskConfig
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cnnapps.tasks.base import Task
+    from cnnapps.engine.task import Task
 
 ENTRY_POINT_GROUP = "cnnapps.tasks"
 

@@ -14,7 +14,7 @@ from cnnapps.engine.config import ConfigError, load_config
 from cnnapps.engine.trainer import TrainingDiverged, evaluate_checkpoints, fit, model_from_checkpoint, resolve_device
 from cnnapps.metrics.base import headline
 from cnnapps.tasks import get_task
-from cnnapps.tasks.base import Task
+from cnnapps.engine.task import Task
 
 log = logging.getLogger("cnnapps")
 
@@ -25,7 +25,7 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model; ends with a test-split report")
-    t.add_argument("--config", type=Path, help="TOML config (default: the task's built-in defaults)")
+    t.add_argument("--config", help="a shipped config's name (e.g. ci) or a TOML file (default: built-in defaults)")
     t.add_argument("--data-dir", type=Path, help="data root (default: $CNNAPPS_DATA, then ./data, ../shared/data)")
     t.add_argument("--out", type=Path, help=f"run folder (default: runs/{task.name}/<timestamp>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
@@ -50,7 +50,7 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     task.predict_options(pr)
 
     b = sub.add_parser("bench", help="train and evaluate the small benchmark config; write results/<task>.md/.json")
-    b.add_argument("--config", type=Path, help=f"default: tasks/{task.name}/{task.bench_config}")
+    b.add_argument("--config", help=f"a shipped config's name or a TOML file (default: {task.bench_config})")
     b.add_argument("--data-dir", type=Path)
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--results", type=Path, default=None, help="results folder (default: the checkout's results/)")
@@ -74,7 +74,7 @@ def cmd_train(task: Task, args: argparse.Namespace) -> int:
         if args.out is None:
             raise ConfigError("--resume needs --out naming the run folder to continue")
         config = config or out / "config.toml"
-    cfg = load_config(task.Config, config, args.overrides)
+    cfg = load_config(task.Config, config, args.overrides, search=task.config_dir())
     result = fit(task, cfg, out, find_data_root(args.data_dir), resume=args.resume, quiet=args.quiet)
     print(f"\n== {task.name}: finished {result.epochs_run} epoch(s) in {result.train_seconds:.1f} s of training; "
           f"best epoch {result.best_epoch}")
@@ -116,7 +116,7 @@ def cmd_predict(task: Task, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(task: Task, args: argparse.Namespace) -> int:
-    from cnnapps.engine.bench import record_finished_run, run_task_bench
+    from cnnapps.bench.run import record_finished_run, run_task_bench
 
     if args.from_run is not None:
         if args.config is None:

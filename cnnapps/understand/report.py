@@ -17,7 +17,7 @@ import torch
 from cnnapps.data.root import cache_dir as default_cache_dir
 from cnnapps.data.root import find_data_root
 from cnnapps.engine.plots import save_figure
-from cnnapps.engine.runinfo import REPO_ROOT, config_path, load_average, run_facts
+from cnnapps.engine.runinfo import REPO_ROOT, load_average, results_dir as default_results_dir, run_facts
 from cnnapps.understand import plots
 from cnnapps.understand import visualize as vis
 from cnnapps.understand.posenet import (MODEL_NAMES, MODELS, TARGETS, ProbeConfig, TrainedBackbone,
@@ -38,7 +38,7 @@ PUBLISHED_RF = {("lenet5", "c5"): "32 (LeCun et al. 1998: C5 sees all of the 32x
 
 
 def ci_checkpoint(task_name: str, root: Path, cache: Path, quick: bool = False) -> Path:
-    """best.pt of the task's ``tasks/<task>/ci.toml`` run, trained once into ``cache`` (``quick``: one epoch of
+    """best.pt of the task's shipped ``ci`` config run, trained once into ``cache`` (``quick``: one epoch of
     five steps, a smoke model for tests)."""
     from cnnapps.engine.config import load_config
     from cnnapps.engine.trainer import fit
@@ -54,7 +54,7 @@ def ci_checkpoint(task_name: str, root: Path, cache: Path, quick: bool = False) 
         overrides.append("data.max_records=200")
     if quick and task_name == "audio":
         overrides.append("data.max_per_class=4")
-    cfg = load_config(task.Config, config_path(task_name, task.bench_config), overrides)
+    cfg = load_config(task.Config, task.bench_config, overrides, search=task.config_dir())
     log.info("training the %s ci checkpoint for the report into %s", task_name, run)
     fit(task, cfg, run, root, quiet=True)
     return best
@@ -274,7 +274,7 @@ def write_report(results_dir: str | Path | None = None, data_dir: str | Path | N
     and no timings (for tests; its numbers are not results)."""
     t0 = time.perf_counter()
     root = find_data_root(data_dir)
-    results = Path(results_dir) if results_dir else REPO_ROOT / "results"
+    results = default_results_dir(results_dir)
     pics = results / "understanding"
     pics.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else default_cache_dir("understand")
@@ -418,6 +418,6 @@ def render_markdown(record: dict[str, Any], position: Any, probes: list[Any]) ->
                          f"{'yes' if t['ok'] else 'NO'} | {t['load']} |")
         lines.append("")
     lines += ["Checkpoints: " + ", ".join(f"{k} `{Path(v).parent.parent.name}`" for k, v in
-                                          record["checkpoints"].items()) + " (each task's `tasks/<task>/ci.toml`).",
+                                          record["checkpoints"].items()) + " (each task's `ci` config).",
               ""]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from cnnapps.data.augment import ImageAugment
 from cnnapps.engine.config import ConfigError, TrainConfig
 from cnnapps.engine.plots import plot_confusion
 from cnnapps.metrics.classification import ClassificationMetrics
-from cnnapps.tasks.base import DataSplits, Task, TaskConfig
+from cnnapps.engine.task import DataSplits, Task, TaskConfig
 from cnnapps.tasks.classify.data import (ArraySplit, ImageArrayDataset, RawData, _read_image_file, fit_to_size, load_cifar10,
                                          load_digits_sklearn, load_folder, load_mnist, to_float_chw)
 

@@ -17,7 +17,7 @@ from cnnapps.engine.checkpoint import init_facts
 from cnnapps.engine.config import ConfigError, TrainConfig
 from cnnapps.engine.plots import save_figure
 from cnnapps.metrics.detection import DetectionMetrics
-from cnnapps.tasks.base import DataSplits, Task, TaskConfig
+from cnnapps.engine.task import DataSplits, Task, TaskConfig
 from cnnapps.tasks.detect.data import (DATASETS, DetectionDataset, ImageCache, UnreadableImageError, build_cache,
                                        collate_detection, hflip_sample, read_rgb, read_source, split_indices)
 from cnnapps.tasks.detect.model import DetectModel, build_detector

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cnnapps.engine.config import TrainConfig
-from cnnapps.tasks.base import TaskConfig
+from cnnapps.engine.task import TaskConfig
 
 
 @dataclass

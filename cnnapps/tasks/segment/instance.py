@@ -25,7 +25,7 @@ from torch import nn
 
 from cnnapps.engine.config import ConfigError, from_dict, to_dict
 from cnnapps.metrics.base import Metric
-from cnnapps.tasks.base import DataSplits
+from cnnapps.engine.task import DataSplits
 from cnnapps.tasks.detect.task import DetectConfig, DetectTask
 from cnnapps.tasks.segment.config import SegmentConfig
 from cnnapps.tasks.segment.modes import SegmentMode

@@ -20,14 +20,14 @@ from torch import nn
 
 from cnnapps.engine.config import ConfigError
 from cnnapps.metrics.base import Metric
-from cnnapps.tasks.base import DataSplits, TaskConfig
+from cnnapps.engine.task import DataSplits, TaskConfig
 
 MODES = {"semantic": "cnnapps.tasks.segment.semantic:SemanticMode",
          "instance": "cnnapps.tasks.segment.instance:InstanceMode"}
 
 
 class SegmentMode:
-    """The Task methods of one segmentation mode (see ``cnnapps.tasks.base.Task`` for each contract)."""
+    """The Task methods of one segmentation mode (see ``cnnapps.engine.task.Task`` for each contract)."""
 
     name: str = ""
     monitor: str = ""

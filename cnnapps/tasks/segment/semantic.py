@@ -19,7 +19,7 @@ from cnnapps.engine.config import ConfigError
 from cnnapps.engine.trainer import unwrap
 from cnnapps.heads.segmentation import DECODERS, SegmentationNet, create_decoder
 from cnnapps.metrics.segmentation import IGNORE_INDEX, SegmentationMetrics
-from cnnapps.tasks.base import DataSplits
+from cnnapps.engine.task import DataSplits
 from cnnapps.tasks.segment.config import SegmentConfig, SegmentData
 from cnnapps.tasks.segment.data import NO_OBJECTS, SemanticImages, find_pairs, load_semantic, split_stems
 from cnnapps.tasks.segment.modes import SegmentMode

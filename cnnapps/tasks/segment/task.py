@@ -12,7 +12,7 @@ from torch import nn
 from cnnapps.engine.checkpoint import init_facts
 from cnnapps.engine.config import ConfigError
 from cnnapps.metrics.base import Metric
-from cnnapps.tasks.base import DataSplits, Task
+from cnnapps.engine.task import DataSplits, Task
 from cnnapps.tasks.segment.config import SegmentConfig
 from cnnapps.tasks.segment.modes import available_modes, get_mode
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnapps.engine.runinfo import REPO_ROOT, run_facts
+from cnnapps.engine.runinfo import results_dir as _results_dir
+from cnnapps.engine.runinfo import run_facts
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def run_speed(device: str = "cpu", data_root: Path | None = None, results_dir: P
               "hannun34_1d": hannun_throughput(dev, repeats, window=4096 if quick else 8192),
               "conv_vs_matmul": conv_vs_matmul(dev, repeats), "pipelines": pipeline_numbers(data_root)}
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
-    results_dir = Path(results_dir or REPO_ROOT / "results")
+    results_dir = _results_dir(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "speed.json").write_text(json.dumps(record, indent=2) + "\n")
     path = results_dir / "speed.md"

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from cnnapps.engine.config import to_dict
-from cnnapps.engine.runinfo import REPO_ROOT, run_facts
+from cnnapps.engine.runinfo import results_dir as _results_dir
+from cnnapps.engine.runinfo import run_facts
 from cnnapps.engine.trainer import MeanOfModels, evaluate_model, load_for_evaluation
-from cnnapps.tasks.base import Task, TaskConfig
+from cnnapps.engine.task import Task, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _clone(task: Task, cfg, data, state: dict, like: nn.Module) -> nn.Module:
 
 def write_soup_report(record: dict, results_dir: Path | None = None, name: str = "soup") -> Path:
     """results/<name>.md and .json from a ``soup_report`` record; returns the Markdown path."""
-    results_dir = Path(results_dir or REPO_ROOT / "results")
+    results_dir = _results_dir(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     m = record["monitor"]

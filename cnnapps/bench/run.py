@@ -8,20 +8,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cnnapps.engine.config import dumps_toml, load_config, to_dict
-from cnnapps.engine.runinfo import REPO_ROOT, config_path, load_average, run_facts
+from cnnapps.bench.results import run_key, write_run, write_summary
+from cnnapps.engine.config import config_label, load_config, to_dict
+from cnnapps.engine.runinfo import load_average, results_dir as _results_dir, run_facts
 from cnnapps.engine.trainer import fit, resolve_device
-from cnnapps.tasks.base import Task
+from cnnapps.engine.task import Task
+from cnnapps.tasks import get_task, list_tasks
 
 log = logging.getLogger(__name__)
 
 
-def run_task_bench(task: Task, config: Path | None, data_root: Path, overrides: list[str] | None = None,
+def run_task_bench(task: Task, config: str | Path | None, data_root: Path, overrides: list[str] | None = None,
                    results_dir: Path | None = None, name: str | None = None, quiet: bool = False) -> Path:
     """Run the benchmark config of ``task``; returns the path of the Markdown report written."""
-    config = config or config_path(task.name, task.bench_config)
-    cfg = load_config(task.Config, config, overrides)
-    results_dir = Path(results_dir or REPO_ROOT / "results")
+    config = config or task.bench_config
+    cfg = load_config(task.Config, config, overrides, search=task.config_dir())
+    results_dir = _results_dir(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     name = name or task.name
     facts = run_facts(resolve_device(cfg.train.device))  # the commit and time the run started from
@@ -33,8 +35,7 @@ def run_task_bench(task: Task, config: Path | None, data_root: Path, overrides: 
     throughput = sum(h["samples_per_s"] for h in history) / max(len(history), 1)
     extra: dict[str, Any] = task.bench_extra(cfg, data_root)
     record = {
-        "task": task.name, "config": str(Path(config).resolve().relative_to(REPO_ROOT))
-        if Path(config).resolve().is_relative_to(REPO_ROOT) else str(config),
+        "task": task.name, "config": config_label(config, task.config_dir()),
         "overrides": overrides or [], **facts,
         "load_at_end": load_average(), "wall_seconds": round(wall, 2), "train_seconds": round(result.train_seconds, 2),
         "epochs": result.epochs_run, "train_samples_per_s": round(throughput, 2),
@@ -70,11 +71,10 @@ def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir
         facts = {"machine": "not recorded by this run", "device": cfg.train.device, "commit": "not recorded",
                  "time_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", started), "torch": "not recorded",
                  "load_at_start": "not recorded"}
-    named = to_dict(load_config(task.Config, config_name)) if Path(config_name).is_file() else {}
+    named = to_dict(load_config(task.Config, config_name, search=task.config_dir()))
     overrides = [f"{sec}.{k}={v}" for sec, values in to_dict(cfg).items() if isinstance(values, dict)
                  for k, v in values.items() if named and named.get(sec, {}).get(k) != v]
-    config_name = str(Path(config_name).resolve().relative_to(REPO_ROOT)) \
-        if Path(config_name).resolve().is_relative_to(REPO_ROOT) else config_name
+    config_name = config_label(config_name, task.config_dir())
     record = {"task": task.name, "config": config_name,
               "overrides": [f"recorded from run folder {run_dir}", *overrides],
               "load_at_end": "not recorded", "wall_seconds": "not recorded", **facts,
@@ -87,61 +87,24 @@ def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir
         now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         record["extra"] = {**task.bench_extra(cfg, Path(data_root)),
                            "extra measurements": f"made when recorded, {now} (load {load_average()})"}
-    return write_run(record, Path(results_dir or REPO_ROOT / "results"), name or task.name)
+    return write_run(record, _results_dir(results_dir), name or task.name)
 
 
-def run_key(config: str) -> str:
-    """A run's key inside its task's results file: the config file's stem (``ci``, ``default``, ...)."""
-    return Path(config).stem
-
-
-def write_run(record: dict, results_dir: Path, name: str) -> Path:
-    """Put ``record`` into ``results/<name>.json`` (one entry per config, others kept) and re-render the
-    Markdown twin. Returns the Markdown path."""
-    json_path = Path(results_dir) / f"{name}.json"
-    doc = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    if doc.get("task") != record["task"] or "runs" not in doc:
-        doc = {"task": record["task"], "runs": {}}
-    doc["runs"][run_key(record["config"])] = record
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
-    md_path = json_path.with_suffix(".md")
-    md_path.write_text(format_markdown(doc))
-    return md_path
-
-
-def table_row(cells: list) -> str:
-    """A Markdown table row; floats with four decimals, a missing value as n/a."""
-    return "| " + " | ".join("n/a" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c)
-                             for c in cells) + " |"
-
-
-def format_markdown(doc: dict) -> str:
-    """The human-readable twin of a task's results JSON: a summary table, then one section per config."""
-    task, runs = doc["task"], sorted(doc["runs"].values(), key=lambda r: r["time_utc"])
-    lines = [f"# Results: {task}", "",
-             f"Written by `python -m cnnapps.tasks.{task} bench [--config ...]` - do not edit by hand. One section "
-             "per config; `ci` is the small-subset benchmark that CI repeats.", "",
-             "| config | monitor | test value | training time (s) | epochs | machine | commit | time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [table_row([f"`{r['config']}`", r["monitor"], r["test"].get(r["monitor"]), r["train_seconds"],
-                         r["epochs"], r["machine"], r["commit"], r["time_utc"]]) for r in runs]
-    for r in runs:
-        lines += ["", f"## `{r['config']}`", "", "| fact | value |", "| --- | --- |"]
-        for key in ("machine", "device", "commit", "time_utc", "torch", "load_at_start", "load_at_end",
-                    "wall_seconds", "wall_seconds_from", "resumed", "train_seconds", "epochs",
-                    "train_samples_per_s", "monitor"):
-            if key in r:  # records from before the load was recorded lack it
-                lines.append(f"| {key} | {r[key]} |")
-        if r["overrides"]:
-            lines.append(f"| overrides | {' '.join(r['overrides'])} |")
-        lines += ["", "Test split:", "", "| metric | value |", "| --- | --- |"]
-        for k, v in r["test"].items():
-            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) and not float(v).is_integer()
-                         else f"| {k} | {v:g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |")
-        if r["extra"]:
-            lines += ["", "Extra measurements:", "", "| measurement | value |", "| --- | --- |"]
-            for k, v in r["extra"].items():
-                lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-        lines += ["", "<details><summary>resolved config</summary>", "", "```toml",
-                  dumps_toml(r["resolved_config"]).rstrip(), "```", "", "</details>"]
-    return "\n".join(lines) + "\n"
+def run_all(data_root: Path, results_dir: Path | None = None, device: str | None = None,
+            tasks: list[str] | None = None, quiet: bool = True) -> list[dict]:
+    """Run each task's ci config (tasks without one are listed as skipped); returns the JSON records."""
+    results_dir = _results_dir(results_dir)
+    records = []
+    for name in tasks or list_tasks():
+        task = get_task(name)
+        config = task.config_dir() / f"{task.bench_config}.toml"
+        if not config.is_file():
+            log.warning("bench --all: task %s ships no %s config; skipped", name, task.bench_config)
+            continue
+        overrides = [f"train.device={device}"] if device else []
+        md = run_task_bench(task, task.bench_config, data_root, overrides=overrides, results_dir=results_dir,
+                            quiet=quiet)
+        records.append(json.loads(md.with_suffix(".json").read_text())["runs"][run_key(task.bench_config)])
+        log.info("bench %s: %s", name, md)
+    write_summary(records, results_dir)
+    return records

@@ -1,0 +1,99 @@
+"""Results files: one section per config in results/<task>.md and .json, the summary table of every task's ci
+benchmark (results/README.md), and the floors that fail CI."""
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+from cnnapps.engine.config import dumps_toml
+from cnnapps.engine.runinfo import REPO_ROOT, results_dir
+
+FLOORS = REPO_ROOT / "results" / "floors.toml"
+
+
+def run_key(config: str) -> str:
+    """A run's key inside its task's results file: the config file's stem (``ci``, ``default``, ...)."""
+    return Path(config).stem
+
+
+def write_run(record: dict, results_dir: Path, name: str) -> Path:
+    """Put ``record`` into ``results/<name>.json`` (one entry per config, others kept) and re-render the
+    Markdown twin. Returns the Markdown path."""
+    json_path = Path(results_dir) / f"{name}.json"
+    doc = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if doc.get("task") != record["task"] or "runs" not in doc:
+        doc = {"task": record["task"], "runs": {}}
+    doc["runs"][run_key(record["config"])] = record
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    md_path = json_path.with_suffix(".md")
+    md_path.write_text(format_markdown(doc))
+    return md_path
+
+
+def table_row(cells: list) -> str:
+    """A Markdown table row; floats with four decimals, a missing value as n/a."""
+    return "| " + " | ".join("n/a" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c)
+                             for c in cells) + " |"
+
+
+def format_markdown(doc: dict) -> str:
+    """The human-readable twin of a task's results JSON: a summary table, then one section per config."""
+    task, runs = doc["task"], sorted(doc["runs"].values(), key=lambda r: r["time_utc"])
+    lines = [f"# Results: {task}", "",
+             f"Written by `python -m cnnapps.tasks.{task} bench [--config ...]` - do not edit by hand. One section "
+             "per config; `ci` is the small-subset benchmark that CI repeats.", "",
+             "| config | monitor | test value | training time (s) | epochs | machine | commit | time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [table_row([f"`{r['config']}`", r["monitor"], r["test"].get(r["monitor"]), r["train_seconds"],
+                         r["epochs"], r["machine"], r["commit"], r["time_utc"]]) for r in runs]
+    for r in runs:
+        lines += ["", f"## `{r['config']}`", "", "| fact | value |", "| --- | --- |"]
+        for key in ("machine", "device", "commit", "time_utc", "torch", "load_at_start", "load_at_end",
+                    "wall_seconds", "wall_seconds_from", "resumed", "train_seconds", "epochs",
+                    "train_samples_per_s", "monitor"):
+            if key in r:  # records from before the load was recorded lack it
+                lines.append(f"| {key} | {r[key]} |")
+        if r["overrides"]:
+            lines.append(f"| overrides | {' '.join(r['overrides'])} |")
+        lines += ["", "Test split:", "", "| metric | value |", "| --- | --- |"]
+        for k, v in r["test"].items():
+            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) and not float(v).is_integer()
+                         else f"| {k} | {v:g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |")
+        if r["extra"]:
+            lines += ["", "Extra measurements:", "", "| measurement | value |", "| --- | --- |"]
+            for k, v in r["extra"].items():
+                lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines += ["", "<details><summary>resolved config</summary>", "", "```toml",
+                  dumps_toml(r["resolved_config"]).rstrip(), "```", "", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def _dataset_of(record: dict) -> str:
+    data = record["resolved_config"].get("data") or {}
+    return str(data.get("dataset") or data.get("source") or "")
+
+
+def write_summary(records: list[dict], results_dir: Path) -> Path:
+    """results/README.md: task, data set, metric, value, training time, throughput, device, commit."""
+    lines = ["# Results", "", "Written by `python -m cnnapps bench --all` - do not edit by hand. Each row is a task's "
+             "small-subset (ci) benchmark; the per-task files beside this one hold every metric and the config.", "",
+             "| task | data set | metric | value | training time (s) | train samples/s | device | commit | time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [table_row([r["task"], _dataset_of(r), r["monitor"], r["test"].get(r["monitor"]), r["train_seconds"],
+                         r["train_samples_per_s"], r["machine"], r["commit"], r["time_utc"]]) for r in records]
+    path = Path(results_dir) / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def check_floors(records: list[dict], floors_file: Path = FLOORS) -> list[str]:
+    """Messages for every task metric below its floor in ``floors_file`` (``[task] metric = floor``)."""
+    floors = tomllib.loads(floors_file.read_text()) if floors_file.is_file() else {}
+    failures = []
+    for r in records:
+        for metric, floor in floors.get(r["task"], {}).items():
+            value = r["test"].get(metric)
+            if value is None or value < floor:
+                failures.append(f"{r['task']}: {metric} = {value} is below its floor {floor} ({floors_file.name})")
+    return failures

@@ -1,0 +1,105 @@
+"""The task contract: what a task plugin supplies to the shared engine. It sits at the engine's floor (it imports
+only the config and metric types), so the trainer, the callbacks and every task can import it without a cycle."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from cnnapps.engine.config import TrainConfig
+from cnnapps.metrics.base import Metric
+
+
+@dataclass
+class TaskConfig:
+    """A task's config: three sections. Tasks subclass it and replace ``data`` and ``model`` with their own
+    dataclasses; ``train`` is the engine's and the same for every task."""
+
+    data: Any = None
+    model: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DataSplits:
+    """What ``Task.build_data`` returns.
+
+    ``state`` is the preprocessing a model needs to be used later (class names, sampling rate, fitted
+    normalisation, ...): plain Python/NumPy/tensor values, saved in every checkpoint and handed back to
+    ``build_data(..., state=...)`` and ``predict`` so evaluation on new data repeats the training-time pipeline.
+    ``sample_weights`` (optional, one per training example) turns on a weighted sampler for rare classes.
+    """
+
+    train: Dataset | None
+    val: Dataset | None
+    test: Dataset | None
+    state: dict[str, Any] = field(default_factory=dict)
+    collate_fn: Callable | None = None
+    sample_weights: torch.Tensor | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, shown in the report
+
+
+class Task:
+    """Base class of task plugins. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[TaskConfig]] = TaskConfig
+    monitor: ClassVar[str] = "accuracy"  # eval metric that picks best.pt and drives early stopping
+    monitor_mode: ClassVar[str] = "max"
+    bench_config: ClassVar[str] = "ci"  # the shipped config `bench` runs by default
+
+    @classmethod
+    def config_dir(cls) -> Path:
+        """The folder of the configs this task ships: ``configs/`` beside the module that defines the class
+        (``cnnapps/tasks/<task>/configs`` for the built-in tasks; a third-party task ships its own)."""
+        module = sys.modules[cls.__module__]
+        return Path(module.__file__).resolve().parent / "configs"
+
+    # ---- required ----
+    def build_data(self, cfg: TaskConfig, data_root: Path, state: dict | None = None,
+                   split: str | None = None) -> DataSplits:
+        """Datasets for train/val/test. ``state`` (from a checkpoint) overrides anything fitted on data.
+        ``split='all'`` asks for every example of the folder ``data_root`` in ``test`` (evaluate --split all)."""
+        raise NotImplementedError
+
+    def build_model(self, cfg: TaskConfig, data: DataSplits) -> nn.Module:
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, batch: Any, cfg: TaskConfig) -> dict[str, Any]:
+        """One forward pass on a batch already on the device: ``{"loss": scalar tensor, "output": ...}``."""
+        raise NotImplementedError
+
+    def metrics(self, cfg: TaskConfig, data: DataSplits) -> Metric:
+        raise NotImplementedError
+
+    # ---- optional ----
+    def param_groups(self, model: nn.Module, cfg: TaskConfig) -> Iterable[dict] | None:
+        """Optimiser parameter groups (e.g. a lower learning rate for a pretrained backbone); None: one group."""
+        return None
+
+    def predict(self, model: nn.Module, inputs: list[str], state: dict, cfg: TaskConfig,
+                device: torch.device, **kw: Any) -> Iterator[dict]:
+        """Yield one JSON-ready dict per input path."""
+        raise NotImplementedError(f"task {self.name!r} has no predict")
+
+    def predict_options(self, parser: Any) -> None:
+        """Add task-specific ``predict`` flags to an argparse parser."""
+
+    def bench_extra(self, cfg: TaskConfig, data_root: Path) -> dict[str, Any]:
+        """Task-specific measurements that ``bench`` adds to the results file (pipeline throughput, ...)."""
+        return {}
+
+    def speed_measurements(self, data_root: Path | None) -> dict[str, Any]:
+        """Task-specific speed numbers for ``bench --speed`` (data pipelines, front ends): {name: value}.
+        ``data_root`` is None where no data is present; return what can be measured without it."""
+        return {}
+
+    def report(self, run_dir: Path, metric: Metric, data: DataSplits) -> dict[str, str]:
+        """Write plots for a finished evaluation into ``run_dir``; return {what: relative path}."""
+        return {}
