@@ -143,9 +143,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         (inner, *_rest) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):  # --set: a TOML array (["a", "b"]), else comma-separated bare items (a,b)
+            # (record names such as [100, 101] stay text for a list of strings)
             parsed = literal(value) if value.lstrip().startswith("[") else value
-            value = parsed if isinstance(parsed, list) else \
-                [v for v in (p.strip() for p in value.strip("[]()").split(",")) if v]
+            typed = isinstance(parsed, list) and not (inner is str and any(not isinstance(v, str) for v in parsed))
+            value = parsed if typed else [v for v in (p.strip() for p in value.strip("[]()").split(",")) if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]

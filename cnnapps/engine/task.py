@@ -45,6 +45,17 @@ class DataSplits:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, shown in the report
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind DDP and ``torch.compile`` wrappers (a task's ``step`` receives the wrapped one)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 class Task:
     """Base class of task plugins. Subclasses set the class attributes and implement the methods."""
 

@@ -119,17 +119,6 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module behind DDP and torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _stage_boundary(model: nn.Module, n_stages: int) -> tuple[list[str], list[str]]:
     """Split parameter names into (body, head): body = the parameters of every module registered up to the end
     of the backbone's first ``n_stages`` feature stages (all stages when n_stages < 0), stem included. A task

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnapps.engine.config import ConfigError, TrainConfig
-from cnnapps.engine.task import DataSplits, Task, TaskConfig
+from cnnapps.engine.task import DataSplits, Task, TaskConfig, unwrap
 from cnnapps.tasks.ecg.data import (DEFAULT_RHYTHM_CLASSES, IGNORE, Augment, BeatLabeler, EvalWindows, Labeler,
                                     RecordLabeler, RhythmLabeler, TrainWindows, class_weights, collate_windows,
                                     merge_segments, n_valid_steps, record_labels_for_cinc, records_by_name,
@@ -99,12 +99,17 @@ class ECGSequenceModel(nn.Module):
     ``backbone`` and ``head`` are the names the engine's freezing and transfer code look for.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, head_dropout: float = 0.0) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, head_dropout: float = 0.0,
+                 class_weights: list[float] | None = None) -> None:
         super().__init__()
         from cnnapps.heads import SequenceHead
 
         self.backbone = backbone
         self.head = SequenceHead(backbone.feature_info.channels(-1), num_classes, dim=1, drop=head_dropout)
+        # the loss weights fitted on the training split travel with the model (and to its device); they come from
+        # the data state, which every checkpoint saves, so they are not part of the weights (persistent=False)
+        weights = torch.tensor(class_weights if class_weights is not None else [], dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone.forward_features(x))
@@ -176,10 +181,6 @@ class ECGTask(Task):
     monitor = "challenge_f1"  # CinC; the MIT-BIH configs set train.monitor = "seq_f1"
     monitor_mode = "max"
 
-    def __init__(self) -> None:
-        self._class_weights: torch.Tensor | None = None
-        self._weights_on: dict[torch.device, torch.Tensor] = {}
-
     # ---- data
     def build_data(self, cfg: ECGConfig, data_root: Path, state: dict | None = None,
                    split: str | None = None) -> DataSplits:
@@ -193,7 +194,6 @@ class ECGTask(Task):
         step, window, eval_window = int(s["step"]), int(s["window"]), int(s["eval_window"])
         if split == "all":
             test = EvalWindows(cache, np.arange(len(cache)), labeler, eval_window, step)
-            self._set_weights(s.get("class_weights"))
             return DataSplits(train=None, val=None, test=test, state=s, collate_fn=collate_windows,
                               skipped=cache.skip_counts())
         train_ids, val_ids, test_ids = self._split(s, d, cache)
@@ -214,7 +214,6 @@ class ECGTask(Task):
             log.info("ECG training steps per class %s; loss weights %s", dict(zip(classes, counts.tolist())),
                      dict(zip(classes, np.round(weights, 3).tolist())))
         s["class_weights"] = weights.tolist()
-        self._set_weights(s["class_weights"])
         sample_weights = None
         if d.weighted_sampler and len(train):
             # the sampler's notion of rarity is independent of the loss weights (which may be off)
@@ -237,10 +236,6 @@ class ECGTask(Task):
                 seen[n] = split_name
         return tuple(records_by_name(cache, names, f"data.{k}_records") for k, names in named.items())  # type: ignore
 
-    def _set_weights(self, weights: list[float] | None) -> None:
-        self._class_weights = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
-        self._weights_on = {}
-
     # ---- model
     def build_model(self, cfg: ECGConfig, data: DataSplits) -> nn.Module:
         """A registered 1D backbone (``features_only=False, num_classes=0``) + SequenceHead:
@@ -261,7 +256,8 @@ class ECGTask(Task):
             raise ConfigError(f"model: backbone {m.backbone!r} with {kwargs} reduces time by {reduction}, but the "
                               f"ECG labels come one per {step} samples; for hannun34_1d keep "
                               f"2 ** (num_blocks // subsample_every) == {step}")
-        return ECGSequenceModel(backbone, len(data.state["classes"]), m.head_dropout)
+        return ECGSequenceModel(backbone, len(data.state["classes"]), m.head_dropout,
+                                class_weights=data.state.get("class_weights"))
 
     # ---- step
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], cfg: ECGConfig) -> dict[str, Any]:
@@ -271,12 +267,8 @@ class ECGTask(Task):
         if logits.shape[-1] != y.shape[-1]:
             raise RuntimeError(f"model gave {logits.shape[-1]} steps for {batch['x'].shape[-1]} samples; labels "
                                f"have {y.shape[-1]} (inputs must be a multiple of the step)")
-        weight = None
-        if self._class_weights is not None and len(self._class_weights) == logits.shape[1]:
-            weight = self._weights_on.get(logits.device)
-            if weight is None:
-                weight = self._weights_on[logits.device] = self._class_weights.to(logits.device)
-            weight = weight.to(logits.dtype)
+        weights = unwrap(model).class_weights
+        weight = weights.to(logits.dtype) if len(weights) == logits.shape[1] else None
         if bool((y != IGNORE).any()):
             loss = F.cross_entropy(logits, y, weight=weight, ignore_index=IGNORE,
                                    label_smoothing=cfg.train.label_smoothing)

@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset
 from cnnapps.data.augment import ImageAugment
 from cnnapps.data.images import ImageReadError, channel_stats, picture_path, read_image, resize_image
 from cnnapps.engine.config import ConfigError, TrainConfig
-from cnnapps.engine.trainer import unwrap
+from cnnapps.engine.task import unwrap
 from cnnapps.metrics.multilabel import DEFAULT_THRESHOLD, MultiLabelMetrics
 from cnnapps.engine.task import DataSplits, Task, TaskConfig
 from cnnapps.tasks.multilabel.data import (LabelledImages, MultiLabelImages, decode_images, load_label_csv,

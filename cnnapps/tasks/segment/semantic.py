@@ -16,7 +16,7 @@ from torch import nn
 from cnnapps.data.augment import ImageAugment
 from cnnapps.data.images import ImageReadError, channel_stats, picture_path, read_image, resize_image
 from cnnapps.engine.config import ConfigError
-from cnnapps.engine.trainer import unwrap
+from cnnapps.engine.task import unwrap
 from cnnapps.heads.segmentation import DECODERS, SegmentationNet, create_decoder
 from cnnapps.metrics.segmentation import IGNORE_INDEX, SegmentationMetrics
 from cnnapps.engine.task import DataSplits
