@@ -76,3 +76,18 @@ def test_every_floor_is_enforced_in_ci():
     assert not missing, f"floors that CI never checks: {sorted(missing)}"
     assert tested <= set(floors), f"tests call meets_floor for tasks without a floor: {sorted(tested - set(floors))}"
     assert benched <= set(floors)
+
+
+def test_gpu_check_dry_run_without_cuda():
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "no CUDA device here: a dry run only" in out and "Traceback" not in proc.stderr
+    for task in ("classify", "ecg", "audio", "detect", "multilabel", "segment"):
+        assert f"ok: {task} ci on CUDA" in out
+    assert "the hannun model builds" in out and "torchrun" in out

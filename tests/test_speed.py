@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from cnnapps.bench.speed import compare_with_torchvision, conv_vs_matmul, format_speed, model_throughput
+from cnnapps.bench.speed import (compare_with_torchvision, conv_vs_matmul, format_backbones, model_throughput,
+                                  write_section)
 
 
 def test_side_by_side_rows_measure_both_implementations():
@@ -30,12 +31,26 @@ def test_train_mode_updates_weights_and_eval_does_not():
 def test_conv_and_matmul_rates_and_report():
     rates = conv_vs_matmul(torch.device("cpu"), repeats=1, hw=16, n=256)
     assert rates["conv3x3_gflops"] > 0 and rates["matmul_gflops"] > 0
-    text = format_speed({"repeats": 1, "machine": "m", "load_at_start": "0.1 on 2 cores", "commit": "c",
-                         "time_utc": "t", "torch": "2", "backbones": [
-                             {"model": "resnet18", "mode": "eval", "variant": "fp32", "input": "2x3x32x32",
-                              "ours_per_s": 10.0, "torchvision_per_s": 8.0, "ratio": 1.25}],
-                         "hannun34_1d": [], "conv_vs_matmul": rates, "pipelines": {}})
+    text = "\n".join(format_backbones({
+        "repeats": 1, "machine": "m", "load_at_start": "0.1 on 2 cores", "commit": "c", "time_utc": "t", "torch": "2",
+        "backbones": [{"model": "resnet18", "mode": "eval", "variant": "fp32", "input": "2x3x32x32",
+                       "ours_per_s": 10.0, "torchvision_per_s": 8.0, "ratio": 1.25}],
+        "hannun34_1d": [], "conv_vs_matmul": rates, "pipelines": {}}))
     assert "| resnet18 | eval | fp32 | 2x3x32x32 | 10.0 | 8.0 | 1.25 |" in text
+
+
+def test_each_speed_section_is_written_without_losing_the_others(tmp_path):
+    import json
+
+    # a speed.json from before sections holds the backbones report alone
+    old = {"repeats": 1, "machine": "m", "load_at_start": "0", "commit": "c", "time_utc": "t", "torch": "2",
+           "backbones": [], "hannun34_1d": [], "conv_vs_matmul": {"x": 1}, "pipelines": {}}
+    (tmp_path / "speed.json").write_text(json.dumps(old))
+    write_section("other", {"value": 3}, tmp_path, markdown=["## Other", "value 3"])
+    doc = json.loads((tmp_path / "speed.json").read_text())
+    assert doc["sections"]["backbones"] == old and doc["sections"]["other"] == {"value": 3}
+    text = (tmp_path / "speed.md").read_text()
+    assert text.index("Backbones against torchvision") < text.index("## Other") < text.index("value 3")
 
 
 def test_a_variant_that_cannot_run_is_a_row_with_its_error(monkeypatch):
@@ -54,6 +69,7 @@ def test_a_variant_that_cannot_run_is_a_row_with_its_error(monkeypatch):
     rows = compare_with_torchvision(["resnet18"], size=32, batch=2, device=torch.device("cpu"), repeats=1,
                                     variants=["fp32+compile"])
     assert all(r["ratio"] is None and r["error"] == "RuntimeError: no C++ compiler" for r in rows)
-    text = format_speed({"repeats": 1, "machine": "m", "load_at_start": "0", "commit": "c", "time_utc": "t",
-                         "torch": "2", "backbones": rows, "hannun34_1d": [], "conv_vs_matmul": {}, "pipelines": {}})
+    text = "\n".join(format_backbones({
+        "repeats": 1, "machine": "m", "load_at_start": "0", "commit": "c", "time_utc": "t", "torch": "2",
+        "backbones": rows, "hannun34_1d": [], "conv_vs_matmul": {}, "pipelines": {}}))
     assert "failed: RuntimeError: no C++ compiler" in text

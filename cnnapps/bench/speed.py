@@ -152,26 +152,21 @@ def conv_vs_matmul(device: torch.device, repeats: int, hw: int = 56, n: int = 20
 
 
 def pipeline_numbers(data_root: Path | None) -> dict:
-    """ECG windows/s from the prepared cache against per-window WFDB reads, and audio spectrograms/s, where the
-    tasks provide their bench helpers and the data is present."""
+    """Every installed task's own speed numbers (data pipelines, front ends; ``Task.speed_measurements``),
+    prefixed with the task's name. A task whose numbers need data it cannot find gives none."""
+    from cnnapps.tasks import get_task, list_tasks
+
     out: dict[str, Any] = {}
-    if data_root is not None:
-        from cnnapps.tasks.ecg.task import ECGConfig, ECGTask
-
-        ecg = ECGTask().bench_extra(ECGConfig(), data_root)
-        out.update({f"ecg_{k}": round(v, 1) for k, v in ecg.items()})
-        out["ecg_cache_speedup"] = round(ecg["windows_per_s_cache"] / ecg["windows_per_s_wfdb"], 1)
-    from cnnapps.tasks.audio.bench import frontend_throughput
-
-    fe = frontend_throughput()
-    out["audio_spectrograms_per_s"] = round(float(fe["spectrograms_per_s"]), 1)
-    out["audio_frontend"] = f"{fe['features']} {fe['output_shape']} per clip, batch {fe['batch_size']}"
+    for name in list_tasks():
+        for key, value in get_task(name).speed_measurements(data_root).items():
+            out[f"{name}_{key}"] = value
     return out
 
 
 def run_speed(device: str = "cpu", data_root: Path | None = None, results_dir: Path | None = None,
               quick: bool = False) -> Path:
-    """Measure everything above and write results/speed.md and .json; returns the Markdown path."""
+    """Measure our backbones against torchvision's, hannun34_1d, conv vs matmul and the tasks' pipelines; write
+    them as the ``backbones`` section of results/speed.md and .json; returns the Markdown path."""
     dev = torch.device(device)
     on_cpu = dev.type == "cpu"
     size = 112 if on_cpu else 224
@@ -186,33 +181,69 @@ def run_speed(device: str = "cpu", data_root: Path | None = None, results_dir: P
               "hannun34_1d": hannun_throughput(dev, repeats, window=4096 if quick else 8192),
               "conv_vs_matmul": conv_vs_matmul(dev, repeats), "pipelines": pipeline_numbers(data_root)}
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
-    results_dir = _results_dir(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "speed.json").write_text(json.dumps(record, indent=2) + "\n")
-    path = results_dir / "speed.md"
-    path.write_text(format_speed(record))
-    return path
+    return write_section("backbones", record, results_dir)
 
 
-def format_speed(r: dict) -> str:
+# ---------------------------------------------------------------- results/speed.md: one section per benchmark
+
+
+SECTIONS = ("backbones", "engine", "deployment")  # the order speed.md shows them in
+
+
+def write_section(name: str, record: dict, results_dir: Path | str | None = None,
+                  markdown: list[str] | None = None) -> Path:
+    """Put ``record`` as section ``name`` of results/speed.json, with its Markdown (``markdown`` lines; the
+    backbones section renders its own), keep the other sections, and re-render results/speed.md from all of
+    them; returns the Markdown path. Each section is written by its own command (``bench --speed``,
+    ``bench --engine``, ``bench --deploy``)."""
+    folder = _results_dir(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "speed.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if "sections" not in doc:  # the file from before sections: it was the backbones report alone
+        doc = {"sections": {"backbones": doc}, "markdown": {"backbones": format_backbones(doc)}} if doc else \
+            {"sections": {}, "markdown": {}}
+    doc["sections"][name] = record
+    doc["markdown"][name] = markdown if markdown is not None else format_backbones(record)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    md = folder / "speed.md"
+    md.write_text(format_speed(doc))
+    return md
+
+
+def format_speed(doc: dict) -> str:
+    """results/speed.md from the sections of speed.json (known ones first, in SECTIONS order)."""
+    texts = doc.get("markdown", {})
     lines = ["# Speed, measured side by side", "",
-             "Written by `python -m cnnapps bench --speed` - do not edit by hand. Each number is the median of "
-             f"{r['repeats']} timed calls after 2 warm-up calls; ours and torchvision's are built with the same seed and "
-             "timed in alternation (ours, theirs, ours, ...) in one process. A ratio above 1.0 means ours is faster.",
-             "",
-             f"machine: {r['machine']} (load {r['load_at_start']}); commit: {r['commit']}; time: {r['time_utc']}; "
-             f"torch {r['torch']}; whole run {r.get('wall_seconds', '?')} s", "",
-             "## Backbones against torchvision", "",
+             "Written by `python -m cnnapps bench --speed | --engine | --deploy` - do not edit by hand. Each section "
+             "is one benchmark run with its own machine, commit and time.", ""]
+    order = [n for n in SECTIONS if n in texts] + [n for n in texts if n not in SECTIONS]
+    for name in order:
+        lines += list(texts[name]) + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def facts_line(r: dict) -> str:
+    """Machine, load, commit, time, torch and wall time of a speed record, as one line."""
+    return (f"machine: {r.get('machine')} (load {r.get('load_at_start')}); commit: {r.get('commit')}; "
+            f"time: {r.get('time_utc')}; torch {r.get('torch')}; whole run {r.get('wall_seconds', '?')} s")
+
+
+def format_backbones(r: dict) -> list[str]:
+    lines = ["## Backbones against torchvision", "",
+             f"Each number is the median of {r['repeats']} timed calls after 2 warm-up calls; ours and "
+             "torchvision's are built with the same seed and timed in alternation (ours, theirs, ours, ...) in one "
+             "process. A ratio above 1.0 means ours is faster.", "", facts_line(r), "",
              "| model | mode | variant | input | ours (images/s) | torchvision (images/s) | ratio |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {b['model']} | {b['mode']} | {b['variant']} | {b['input']} | {b['ours_per_s']} | "
               f"{b['torchvision_per_s']} | {b['ratio']} |" if b.get("ratio") is not None else
               f"| {b['model']} | {b['mode']} | {b['variant']} | {b['input']} | failed: {b.get('error')} | | |"
               for b in r["backbones"]]
-    lines += ["", "## hannun34_1d (full width, 16 blocks)", "", "| mode | input | windows/s |", "| --- | --- | --- |"]
+    lines += ["", "### hannun34_1d (full width, 16 blocks)", "", "| mode | input | windows/s |", "| --- | --- | --- |"]
     lines += [f"| {h['mode']} | {h['input']} | {h['windows_per_s']} |" for h in r["hannun34_1d"]]
-    lines += ["", "## Convolution against matmul", "", "| measurement | value |", "| --- | --- |"]
+    lines += ["", "### Convolution against matmul", "", "| measurement | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in r["conv_vs_matmul"].items()]
-    lines += ["", "## Data pipelines", "", "| measurement | value |", "| --- | --- |"]
+    lines += ["", "### Data pipelines (each task's own numbers)", "", "| measurement | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in r["pipelines"].items()]
-    return "\n".join(lines) + "\n"
+    return lines

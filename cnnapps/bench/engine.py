@@ -1,0 +1,220 @@
+"""``bench --engine``: what the engine costs. The same model, data, batch size and number of optimiser steps
+through (a) our Trainer with its default callbacks, (b) a bare PyTorch loop of about twenty lines, (c)
+``lightning.Trainer`` (an optional extra, ``pip install cnnapps[bench]``), in one process, timed in alternation.
+
+All three call the task's own ``step`` for the loss, build the model with the same seed, and use the same
+optimiser and schedule, so what differs is the loop around the step. Each run times the optimiser steps after a
+warm-up (data building, the first steps and the end-of-fit evaluation are outside the window).
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from cnnapps.engine.callbacks import Callback
+from cnnapps.engine.config import load_config
+from cnnapps.engine.optim import build_optimizer, build_scheduler
+from cnnapps.engine.runinfo import run_facts
+from cnnapps.engine.seeding import seed_everything
+from cnnapps.engine.task import Task
+from cnnapps.engine.trainer import fit
+from cnnapps.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model and data set to time: a task, a shipped config and overrides."""
+
+    name: str
+    task: str
+    config: str
+    overrides: tuple[str, ...] = ()
+
+
+CASES = (Case("MNIST LeNet-5", "classify", "ci"), Case("ECG default model", "ecg", "default"))
+LOOPS = ("ours", "bare", "lightning")
+
+
+class _Done(Exception):
+    """Raised by the clock callback to end a timed fit once its steps are counted."""
+
+
+class _Clock(Callback):
+    """Seconds from the end of optimiser step ``warmup`` to the end of step ``warmup + steps``."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps, self.seconds = warmup, steps, None
+        self.t0 = 0.0
+
+    def on_train_batch_end(self, trainer: Any, loss: float) -> None:
+        if trainer.global_step == self.warmup:
+            self.t0 = time.perf_counter()
+        elif trainer.global_step == self.warmup + self.steps:
+            self.seconds = time.perf_counter() - self.t0
+            raise _Done
+
+
+def time_ours(task: Task, cfg: Any, data_root: Path, warmup: int, steps: int) -> float:
+    """Our Trainer with its default callbacks, as ``train`` runs it."""
+    clock = _Clock(warmup, steps)
+    with tempfile.TemporaryDirectory(prefix="cnnapps-engine-") as tmp:
+        try:
+            fit(task, cfg, Path(tmp) / "run", data_root, quiet=True, callbacks=[clock])
+        except _Done:
+            pass
+    if clock.seconds is None:
+        raise RuntimeError(f"{task.name}: the training split has fewer than {warmup + steps} batches")
+    return clock.seconds
+
+
+def time_bare(task: Task, cfg: Any, data: Any, warmup: int, steps: int) -> float:
+    """A bare PyTorch loop: shuffled DataLoader, the task's step for the loss, backward, step, schedule."""
+    tc = cfg.train
+    seed_everything(tc.seed, tc.deterministic)
+    model = task.build_model(cfg, data).train()
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], tc)
+    sched = build_scheduler(opt, tc, warmup + steps)
+    g = torch.Generator().manual_seed(tc.seed)
+    loader = DataLoader(data.train, batch_size=tc.batch_size, shuffle=True, collate_fn=data.collate_fn, generator=g)
+    batches = iter(loader)
+    t0 = time.perf_counter()
+    for i in range(warmup + steps):
+        loss = task.step(model, next(batches), cfg)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if i + 1 == warmup:
+            t0 = time.perf_counter()
+    return time.perf_counter() - t0
+
+
+def time_lightning(task: Task, cfg: Any, data: Any, warmup: int, steps: int) -> float:
+    """``lightning.Trainer`` around the same model and step (its defaults, without progress bar and logger,
+    which our Trainer does not run either when not on a terminal)."""
+    import lightning.pytorch as pl
+
+    tc = cfg.train
+
+    class Module(pl.LightningModule):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return task.step(self.model, batch, cfg)["loss"]
+
+        def configure_optimizers(self) -> Any:
+            opt = build_optimizer([p for p in self.parameters() if p.requires_grad], tc)
+            return {"optimizer": opt,
+                    "lr_scheduler": {"scheduler": build_scheduler(opt, tc, warmup + steps), "interval": "step"}}
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.t0, self.seconds = 0.0, None
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step == warmup:
+                self.t0 = time.perf_counter()
+            elif trainer.global_step == warmup + steps:
+                self.seconds = time.perf_counter() - self.t0
+
+    seed_everything(tc.seed, tc.deterministic)
+    module = Module(task.build_model(cfg, data))
+    g = torch.Generator().manual_seed(tc.seed)
+    loader = DataLoader(data.train, batch_size=tc.batch_size, shuffle=True, collate_fn=data.collate_fn, generator=g)
+    clock = Clock()
+    with tempfile.TemporaryDirectory(prefix="cnnapps-lightning-") as tmp:
+        trainer = pl.Trainer(max_steps=warmup + steps, accelerator="cpu", devices=1, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             num_sanity_val_steps=0, default_root_dir=tmp, callbacks=[clock])
+        trainer.fit(module, train_dataloaders=loader)
+    return clock.seconds
+
+
+def lightning_version() -> str | None:
+    try:
+        import lightning
+
+        return lightning.__version__
+    except ImportError:
+        return None
+
+
+def bench_case(case: Case, data_root: Path, warmup: int, steps: int, rounds: int,
+               threads: int | None = None) -> dict[str, Any]:
+    """Median optimiser steps/s of each loop over ``rounds`` alternating rounds (the order rotates each round)."""
+    task = get_task(case.task)
+    overrides = [*case.overrides, "train.epochs=1", f"train.max_steps_per_epoch={warmup + steps}"]
+    if threads:
+        overrides.append(f"train.threads={threads}")
+    cfg = load_config(task.Config, case.config, overrides, search=task.config_dir())
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    data = task.build_data(cfg, data_root)
+    loops = [loop for loop in LOOPS if loop != "lightning" or lightning_version()]
+    times: dict[str, list[float]] = {loop: [] for loop in loops}
+    for r in range(rounds):
+        for loop in loops[r % len(loops):] + loops[:r % len(loops)]:
+            if loop == "ours":
+                seconds = time_ours(task, cfg, data_root, warmup, steps)
+            elif loop == "bare":
+                seconds = time_bare(task, cfg, data, warmup, steps)
+            else:
+                seconds = time_lightning(task, cfg, data, warmup, steps)
+            times[loop].append(seconds)
+            log.info("%s %s round %d: %.1f steps/s", case.name, loop, r + 1, steps / seconds)
+    rate = {loop: steps / statistics.median(ts) for loop, ts in times.items()}
+    row: dict[str, Any] = {"case": case.name, "task": case.task, "config": case.config,
+                           "batch_size": cfg.train.batch_size, "threads": torch.get_num_threads(),
+                           "warmup_steps": warmup, "timed_steps": steps, "rounds": rounds,
+                           **{f"{loop}_steps_per_s": round(rate[loop], 2) for loop in loops},
+                           "seconds": {loop: [round(t, 3) for t in ts] for loop, ts in times.items()}}
+    row["ours_vs_bare"] = round(rate["ours"] / rate["bare"], 3)
+    row["ours_vs_lightning"] = round(rate["ours"] / rate["lightning"], 3) if "lightning" in rate else None
+    return row
+
+
+def run_engine_bench(data_root: Path, results_dir: Path | None = None, quick: bool = False) -> Path:
+    """Every case, written as the ``engine`` section of results/speed.md and .json; returns the Markdown path."""
+    from cnnapps.bench.speed import write_section
+
+    started = time.perf_counter()
+    record: dict[str, Any] = {**run_facts("cpu"), "lightning": lightning_version() or "not installed",
+                              "goal": "ours >= 0.97 x the bare loop's steps/s and >= 1.0 x Lightning's"}
+    plan = {"MNIST LeNet-5": (20, 150), "ECG default model": (5, 30)}
+    rows = []
+    for case in CASES[:1] if quick else CASES:
+        warmup, steps = (2, 5) if quick else plan[case.name]
+        rows.append(bench_case(case, data_root, warmup, steps, rounds=1 if quick else 5))
+    record.update({"cases": rows, "wall_seconds": round(time.perf_counter() - started, 1)})
+    return write_section("engine", record, results_dir, markdown=format_engine_section(record))
+
+
+def format_engine_section(r: dict) -> list[str]:
+    """The engine section of results/speed.md."""
+    from cnnapps.bench.speed import facts_line
+
+    lines = ["## The engine's cost: our Trainer against a bare loop and Lightning", "",
+             "The same model, data, batch size, optimiser, schedule and task step through each loop, in one "
+             "process; each number is the median steps/s of the timed window (after a warm-up) over the rounds, "
+             "which alternate the loops in a rotating order. Goal: " + r.get("goal", "") + ". Lightning: "
+             f"{r.get('lightning')}.", "", facts_line(r), "",
+             "| case | batch | threads | timed steps x rounds | ours (steps/s) | bare loop | Lightning | "
+             "ours / bare | ours / Lightning |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in r["cases"]:
+        lines.append(f"| {c['case']} (`{c['task']} {c['config']}`) | {c['batch_size']} | {c['threads']} | "
+                     f"{c['timed_steps']} x {c['rounds']} | {c['ours_steps_per_s']} | {c['bare_steps_per_s']} | "
+                     f"{c.get('lightning_steps_per_s', 'not installed')} | {c['ours_vs_bare']} | "
+                     f"{c['ours_vs_lightning'] if c['ours_vs_lightning'] is not None else 'n/a'} |")
+    return lines
