@@ -1,23 +1,29 @@
 """cnnapps: a zoo of faithful CNN backbones, one training engine and task plugins for 1D and 2D signals.
 
-The public face is three functions: ``create_backbone``, ``list_backbones`` and ``list_tasks``.
+Backbones: ``create_backbone``, ``list_backbones``. Tasks: ``list_tasks``. Training from Python: ``train``,
+``evaluate``, ``load_model`` (see ``cnnapps.api``); your own behaviour during a fit: subclass
+``cnnapps.Callback``.
 """
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_backbone", "list_backbones", "list_tasks"]
-__version__ = "0.1.0"
+__all__ = ["Callback", "create_backbone", "evaluate", "list_backbones", "list_tasks", "load_model", "train"]
+__version__ = "0.2.0"
+
+# Imported on first use, so that `import cnnapps.engine` does not build the whole model zoo.
+_HOMES = {"create_backbone": "cnnapps.backbones", "list_backbones": "cnnapps.backbones",
+          "list_tasks": "cnnapps.tasks", "train": "cnnapps.api", "evaluate": "cnnapps.api",
+          "load_model": "cnnapps.api", "Callback": "cnnapps.engine.callbacks"}
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use so that `import cnnapps.engine` does not build the whole model zoo.
-    if name in ("create_backbone", "list_backbones"):
-        from cnnapps import backbones
+    if name in _HOMES:
+        import importlib
 
-        return getattr(backbones, name)
-    if name == "list_tasks":
-        from cnnapps.tasks import list_tasks
-
-        return list_tasks
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'cnnapps' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])

@@ -8,7 +8,8 @@ Adding a subcommand (e.g. ``bench``):
    ``p.set_defaults(func=cmd_bench)``.
 
 ``main`` dispatches on ``args.func``; errors a user can fix (unknown name, bad value) become one line on
-stderr and exit status 2 instead of a traceback.
+stderr and exit status 2 instead of a traceback. ``cnnapps TASK ...`` goes to the task's own command line
+(``cnnapps.tasks.cli``).
 """
 from __future__ import annotations
 
@@ -79,19 +80,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Every task's ci benchmark (--all), the side-by-side speed report (--speed), or both; floors checked."""
+    """Every task's ci benchmark (--all), the speed report (--speed), the engine's cost (--engine); floors
+    checked with --check-floors."""
     import logging
 
-    from cnnapps.bench.results import check_floors
-    from cnnapps.bench.run import run_all
     from cnnapps.data.root import find_data_root
-    from cnnapps.bench.speed import run_speed
 
-    if not (args.all or args.speed):
-        raise ValueError("bench: say --all (every task's ci benchmark) and/or --speed")
+    if not (args.all or args.speed or args.engine):
+        raise ValueError("bench: say --all (every task's ci benchmark), --speed and/or --engine")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
     status = 0
     if args.all:
+        from cnnapps.bench.results import check_floors
+        from cnnapps.bench.run import run_all
+
         records = run_all(find_data_root(args.data_dir), args.results, device=args.device, tasks=args.tasks or None)
         for r in records:
             print(f"{r['task']:12s} {r['monitor']} = {r['test'].get(r['monitor'])}  ({r['train_seconds']} s)")
@@ -100,12 +102,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"below floor: {f}", file=sys.stderr)
         status = 1 if failures else 0
     if args.speed:
+        from cnnapps.bench.speed import run_speed
+
         root = None
         try:
             root = find_data_root(args.data_dir)
         except FileNotFoundError:
             pass
         print(f"wrote {run_speed(args.device or 'cpu', root, args.results, quick=args.quick)}")
+    if args.engine:
+        from cnnapps.bench.engine import run_engine_bench
+
+        print(f"wrote {run_engine_bench(find_data_root(args.data_dir), args.results, quick=args.quick)}")
     return status
 
 
@@ -224,8 +232,15 @@ def add_understand_parsers(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m cnnapps`` parser; every subcommand sets ``func``."""
-    parser = argparse.ArgumentParser(prog="cnnapps", description="CNN backbones, tasks and tools.")
+    """The ``cnnapps`` parser for the commands that are not a task's; every subcommand sets ``func``."""
+    from cnnapps import __version__
+    from cnnapps.tasks import list_tasks
+
+    parser = argparse.ArgumentParser(
+        prog="cnnapps", description="CNN backbones, tasks and tools. A task's own commands: `cnnapps TASK "
+        "train|evaluate|predict|bench|config` (see `cnnapps TASK --help`); installed tasks: "
+        + ", ".join(list_tasks()) + ".")
+    parser.add_argument("--version", action="version", version=f"cnnapps {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("list", help="list backbones and tasks")
@@ -243,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="every task's ci benchmark and/or the speed report, into results/")
     p.add_argument("--all", action="store_true", help="run each task's ci config; write results/README.md")
     p.add_argument("--speed", action="store_true", help="write results/speed.md (ours against torchvision, ...)")
-    p.add_argument("--quick", action="store_true", help="--speed with fewer models and repeats")
+    p.add_argument("--engine", action="store_true",
+                   help="our Trainer against a bare loop and Lightning, same model and steps (results/speed.md)")
+    p.add_argument("--quick", action="store_true", help="--speed / --engine with fewer models, steps and repeats")
     p.add_argument("--tasks", nargs="*", default=[], help="only these tasks (default: all installed)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: each config's)")
     p.add_argument("--data-dir", default=None)
@@ -265,15 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m cnnapps`` and the ``cnnapps`` script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (KeyError, ValueError, TypeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"cnnapps {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    """Entry point of ``python -m cnnapps`` and the ``cnnapps`` script; returns the exit status. ``cnnapps TASK
+    ...`` hands the rest to that task's command line (the parser ``python -m cnnapps.tasks.TASK`` uses too)."""
+    from cnnapps.tasks import list_tasks
+    from cnnapps.tasks.cli import main as task_main, run_guarded
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in list_tasks():
+        return task_main(argv[0], argv[1:], prog=f"cnnapps {argv[0]}")
+    args = build_parser().parse_args(argv)
+    return run_guarded(lambda: args.func(args), extra=(KeyError, TypeError))
 
 
 if __name__ == "__main__":

@@ -52,3 +52,19 @@ def meets_floor():
         assert not failures, failures
 
     return check
+
+
+def read_eval(folder: Path) -> dict:
+    """The values of the one ``evaluate --out folder`` record in ``folder`` (eval-<split>-<time>.json)."""
+    import json
+
+    files = sorted(folder.glob("eval-*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())["values"]
+
+
+def eval_pictures(folder: Path) -> Path:
+    """The folder of report pictures that ``evaluate --out folder`` wrote beside its record."""
+    dirs = sorted(p for p in folder.glob("eval-*") if p.is_dir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]

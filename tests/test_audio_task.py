@@ -296,5 +296,5 @@ def test_smoke_fit_checkpoint_and_predict_round_trip(tmp_path: Path):
     assert row["label"] == state["classes"][int(expect.argmax())]
     assert row["probability"] == pytest.approx(float(expect.max()), abs=1e-4)
 
-    values = evaluate_checkpoints(task, [run / "checkpoints" / "best.pt"], DATA, split="test", quiet=True)
+    values = evaluate_checkpoints(task, [run / "checkpoints" / "best.pt"], DATA, split="test", quiet=True).values
     assert values["accuracy"] == pytest.approx(result.test_metrics["accuracy"])

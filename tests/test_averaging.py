@@ -45,17 +45,17 @@ def test_ema_is_evaluated_beside_raw_weights(tmp_path, data_root):
     rows = [json.loads(x) for x in (tmp_path / "ema/metrics.jsonl").read_text().splitlines()]
     assert all("val_ema_accuracy" in r and "val_accuracy" in r for r in rows)
     state = load_checkpoint(tmp_path / "ema/checkpoints/last.pt")
-    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    ema = {k.removeprefix("module."): v for k, v in state["callbacks"]["EMA"]["model"].items() if k.startswith("module.")}
     raw = state["model"]
     assert ema.keys() == raw.keys()
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # averaged weights differ from the last step's
 
 
 def test_ensemble_of_one_checkpoint_twice_equals_it(finetuned, data_root):
-    single = evaluate_checkpoints(ClassifyTask(), finetuned[:1], data_root, quiet=True)
-    twice = evaluate_checkpoints(ClassifyTask(), finetuned[:1] * 2, data_root, quiet=True)
+    single = evaluate_checkpoints(ClassifyTask(), finetuned[:1], data_root, quiet=True).values
+    twice = evaluate_checkpoints(ClassifyTask(), finetuned[:1] * 2, data_root, quiet=True).values
     assert twice["accuracy"] == single["accuracy"] and twice["loss"] == pytest.approx(single["loss"], abs=1e-6)
-    three = evaluate_checkpoints(ClassifyTask(), finetuned, data_root, quiet=True)
+    three = evaluate_checkpoints(ClassifyTask(), finetuned, data_root, quiet=True).values
     assert 0.0 < three["accuracy"] <= 1.0
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnapps.engine import trainer as trainer_mod
+from conftest import read_eval
+from cnnapps.engine.callbacks import Callback
 from cnnapps.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cnnapps.engine.config import load_config
 from cnnapps.engine.trainer import TrainingDiverged, fit
@@ -37,21 +38,17 @@ def test_two_batch_smoke_fit_writes_the_run_folder(tmp_path, data_root):
     assert result.test_metrics["accuracy"] == final["accuracy"]
 
 
-def test_resume_after_a_kill_reaches_the_same_weights(tmp_path, data_root, monkeypatch):
+def test_resume_after_an_interruption_reaches_the_same_weights(tmp_path, data_root):
     cfg = _cfg()
     straight = fit(ClassifyTask(), cfg, tmp_path / "straight", data_root, quiet=True)
 
-    real_epoch = trainer_mod.Trainer._train_epoch
+    class InterruptEpochTwo(Callback):
+        def on_train_epoch_start(self, trainer):
+            if trainer.epoch == 2:
+                raise KeyboardInterrupt("killed")
 
-    def killed_in_epoch_two(self, *args, **kw):
-        if args[8] == 2:  # the epoch argument
-            raise KeyboardInterrupt("killed")
-        return real_epoch(self, *args, **kw)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        fit(ClassifyTask(), cfg, tmp_path / "killed", data_root, quiet=True)
-    monkeypatch.undo()
+        fit(ClassifyTask(), cfg, tmp_path / "killed", data_root, quiet=True, callbacks=[InterruptEpochTwo()])
     assert load_checkpoint(tmp_path / "killed/checkpoints/last.pt")["epoch"] == 1
     resumed = fit(ClassifyTask(), cfg, tmp_path / "killed", data_root, resume=True, quiet=True)
 
@@ -89,7 +86,7 @@ def test_cli_train_evaluate_predict(tmp_path, data_root, capsys):
     capsys.readouterr()
     assert main("classify", ["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(data_root),
                              "--out", str(tmp_path / "ev"), "--quiet"]) == 0
-    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    evaluated = read_eval(tmp_path / "ev")
     trained = json.loads((out / "metrics.json").read_text())
     assert evaluated["accuracy"] == pytest.approx(trained["accuracy"])  # same 256 test digits, same weights
 
@@ -164,7 +161,7 @@ def test_evaluate_split_all_on_an_image_folder_counts_bad_files(tmp_path, data_r
     (tree / "3" / "broken.png").write_bytes(b"not an image")
     assert main("classify", ["evaluate", "--checkpoint", str(tmp_path / "run/checkpoints/best.pt"), "--split", "all",
                              "--data-dir", str(tree), "--out", str(tmp_path / "ev"), "--quiet"]) == 0
-    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    metrics = read_eval(tmp_path / "ev")
     assert metrics["examples"] == 30 and metrics["skipped: unreadable image"] == 1
 
 

@@ -19,7 +19,7 @@ from cnnapps.metrics.multilabel import MultiLabelMetrics, best_f1_thresholds, ma
 from cnnapps.tasks.cli import main
 from cnnapps.tasks.multilabel.model import balanced_pos_weight, multilabel_loss
 from cnnapps.tasks.multilabel.task import MultiLabelConfig, MultiLabelTask
-from conftest import ci_config
+from conftest import ci_config, read_eval
 
 
 @pytest.fixture(autouse=True)
@@ -72,21 +72,20 @@ def test_thresholds_maximise_f1_and_ap_skips_masked_rows():
     assert np.isnan(masked_average_precision(probs, np.zeros_like(y), mask)[0])  # no positive: undefined
 
 
-def test_calibration_rows_choose_thresholds_into_state_and_are_not_scored():
-    state: dict = {}
-    metric = MultiLabelMetrics(["a", "b"], state)
+def test_calibration_rows_choose_thresholds_and_are_not_scored():
+    metric = MultiLabelMetrics(["a", "b"])
     logit = torch.logit(torch.tensor([[0.9, 0.2], [0.6, 0.7], [0.3, 0.1], [0.8, 0.9]]))
     y = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 1]], dtype=torch.float32)
     metric.update(logit[:2], {"y": y[:2], "mask": torch.ones(2, 2), "calib": torch.tensor([True, True])})
     metric.update(logit[2:], {"y": y[2:], "mask": torch.ones(2, 2), "calib": torch.tensor([False, False])})
     values = metric.compute()
-    assert state["thresholds"] == pytest.approx([0.6, 0.7])  # F1 = 1 on the two calibration rows
+    assert metric.calibrated == pytest.approx([0.6, 0.7])  # F1 = 1 on the two calibration rows
     assert values["examples"] == 2  # scored on the other two rows only
-    # a later pass without calibration rows uses the saved thresholds
+    # a later pass without calibration rows scores with the thresholds that come with the model's outputs
     metric.reset()
-    metric.update(logit[2:], {"y": y[2:], "mask": torch.ones(2, 2)})
+    metric.update({"logits": logit[2:], "thresholds": torch.tensor([0.6, 0.7])}, {"y": y[2:], "mask": torch.ones(2, 2)})
     again = metric.compute()
-    assert state["thresholds"] == pytest.approx([0.6, 0.7]) and again["micro_f1"] == values["micro_f1"]
+    assert metric.thresholds() == pytest.approx([0.6, 0.7]) and again["micro_f1"] == values["micro_f1"]
     # constant scores: AP equals the prevalence
     metric.reset()
     metric.update(torch.zeros(4, 2), {"y": y, "mask": torch.ones(4, 2)})
@@ -101,7 +100,7 @@ def test_voc_mini_splits_and_difficult_labels_are_masked(data_root):
     assert len(data.state["class_names"]) == 20 and data.skipped == {}
     sizes = data.state["split_sizes"]
     assert sizes == {"train": 1275, "val": 225, "test": 500}
-    assert len(data.test) == 225 + 500  # the fit-time test pass re-runs validation to set thresholds first
+    assert len(data.test) == 500 and bool(data.val.calib.all())  # validation images calibrate the thresholds
     ann = json.loads((data_root / "voc_mini" / "annotations.json").read_text())
     difficult = sum(1 for im in ann["images"] if im["split"] == "trainval" and
                     set(im["difficult_labels"]) - set(im["labels"]))
@@ -131,7 +130,7 @@ def test_fit_beats_the_label_frequency_predictor(fitted, data_root, meets_floor)
     data = MultiLabelTask().build_data(ci_config(MultiLabelTask()), data_root)
     train_y = (data.train.targets * data.train.mask).numpy()
     freq = train_y.sum(0) / data.train.mask.numpy().sum(0)
-    test_ds = data.test.datasets[1]
+    test_ds = data.test
     y, mask = test_ds.targets.numpy(), test_ds.mask.numpy()
     baseline = np.nanmean(masked_average_precision(np.tile(freq, (len(y), 1)), y, mask))
     m_ap = result.test_metrics["mAP"]
@@ -147,9 +146,11 @@ def test_fit_beats_the_label_frequency_predictor(fitted, data_root, meets_floor)
 def test_saved_thresholds_are_the_best_epochs_and_predict_uses_them(fitted, data_root, tmp_path, capsys):
     run, _ = fitted
     ck = load_checkpoint(run / "checkpoints" / "best.pt")
-    saved = ck["data_state"]["thresholds"]
+    saved = ck["model"]["thresholds"].tolist()
     names = ck["data_state"]["class_names"]
-    assert saved is not None and "validation" in ck["data_state"]["thresholds_from"]
+    assert saved != [0.5] * len(names)  # calibrated on validation, kept in the model's weights
+    last = load_checkpoint(run / "checkpoints" / "last.pt")["model"]["thresholds"].tolist()
+    assert (ck["epoch"] == load_checkpoint(run / "checkpoints" / "last.pt")["epoch"]) == (saved == last)
     used = json.loads((run / "thresholds.json").read_text())["thresholds"]
     assert [used[n] for n in names] == pytest.approx(saved, abs=1e-4)  # test pass used the best epoch's
 
@@ -190,7 +191,7 @@ def test_evaluate_a_checkpoint_keeps_its_thresholds(fitted, data_root, tmp_path,
     out = tmp_path / "eval"
     assert main("multilabel", ["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data-dir",
                                str(data_root), "--out", str(out), "--quiet"]) == 0
-    values = json.loads((out / "metrics.json").read_text())
+    values = read_eval(out)
     assert values["examples"] == 500
     assert values["mAP"] == pytest.approx(result.test_metrics["mAP"], abs=1e-6)
     assert values["micro_f1"] == pytest.approx(result.test_metrics["micro_f1"], abs=1e-6)
@@ -273,7 +274,7 @@ def test_a_user_folder_with_a_labels_csv(tmp_path, data_root):
         "train.max_steps_per_epoch=1"]), tmp_path / "run", tmp_path, quiet=True)
     assert main("multilabel", ["evaluate", "--checkpoint", str(tmp_path / "run/checkpoints/best.pt"), "--split", "all",
                                "--data-dir", str(folder), "--out", str(tmp_path / "all"), "--quiet"]) == 0
-    values = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    values = read_eval(tmp_path / "all")
     assert values["examples"] == 52 and values["skipped: annotation names a missing image"] == 1
     # with a checkpoint's classes, a label outside them names the CSV line
     (folder / "labels.csv").write_text("file,labels\n" + f"{ann['images'][0]['id']}.jpg,dog;unicorn\n")

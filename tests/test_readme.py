@@ -38,9 +38,13 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_python_snippets_run(index, capsys):
+def test_python_snippets_run(index, capsys, tmp_path, monkeypatch, data_root):
+    monkeypatch.chdir(tmp_path)  # a snippet's run folders land here, not in the checkout
     exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
+    if "cnnapps.train(" in SNIPPETS[index]:  # the user's callback was called, every epoch
+        assert "epoch 1: validation accuracy" in out and "epoch 2: validation accuracy" in out
+        assert (tmp_path / "runs/readme-mnist/checkpoints/best.pt").is_file()
     # Each snippet states its printed shapes in comments; check they are what it prints.
     for expected in re.findall(r"# (torch\.Size\(\[[^\]]*\]\))", SNIPPETS[index]):
         assert expected in out

@@ -17,6 +17,7 @@ from PIL import Image
 from cnnapps.backbones import create_backbone
 from cnnapps.engine.checkpoint import load_checkpoint
 from cnnapps.engine.config import ConfigError, load_config
+from cnnapps.engine.callbacks import Transfer
 from cnnapps.engine.trainer import Trainer, fit
 from cnnapps.heads.segmentation import SegmentationNet, create_decoder
 from cnnapps.metrics.segmentation import IGNORE_INDEX, SegmentationMetrics, confusion_from_labels
@@ -25,7 +26,7 @@ from cnnapps.tasks.segment.config import SegmentData
 from cnnapps.tasks.segment.data import split_stems
 from cnnapps.tasks.segment.semantic import augment_pair, dice_loss
 from cnnapps.tasks.segment.task import SegmentConfig, SegmentTask
-from conftest import ci_config
+from conftest import ci_config, read_eval, eval_pictures
 
 
 @pytest.fixture(autouse=True)
@@ -161,9 +162,9 @@ def test_damaged_copies_are_counted_skips_naming_the_file(tmp_path, data_root, c
     out = tmp_path / "all"
     assert main("segment", ["evaluate", "--checkpoint", str(tmp_path / "run/checkpoints/best.pt"), "--split", "all",
                             "--data-dir", str(tmp_path), "--out", str(out), "--quiet"]) == 0
-    values = json.loads((out / "metrics.json").read_text())
+    values = read_eval(out)
     assert values["images"] == 9 and values["images_without_objects"] == 1
-    assert values["skipped: unreadable image"] == 1 and (out / "examples.png").is_file()
+    assert values["skipped: unreadable image"] == 1 and (eval_pictures(out) / "examples.png").is_file()
 
 
 def test_mask_with_labels_outside_the_classes_is_an_error_naming_it(tmp_path, data_root):
@@ -236,7 +237,9 @@ def test_transfer_from_a_multilabel_checkpoint_loads_the_backbone_and_freezes_st
     cfg = _cfg("data.image_size=32", f"train.init_checkpoint={ck}", "train.freeze_stages=2")
     data = SegmentTask().build_data(cfg, data_root)
     model = SegmentTask().build_model(cfg, data)
-    Trainer(SegmentTask(), cfg, tmp_path / "seg", data_root)._apply_transfer(model)
+    trainer = Trainer(SegmentTask(), cfg, tmp_path / "seg", data_root)
+    trainer.model = model
+    Transfer().configure_model(trainer)  # what a fit does before building the optimiser
     own = model.state_dict()
     backbone_keys = [k for k in source if k.startswith("backbone.")]
     assert backbone_keys and all(torch.equal(own[k], source[k]) for k in backbone_keys)

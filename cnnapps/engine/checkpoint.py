@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnapps.engine.runfolder import fsync_dir
+
 FORMAT = "cnnapps-checkpoint-v1"
 
 
@@ -37,24 +39,47 @@ def to_safe(obj: Any) -> Any:
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``payload`` to ``path`` so that a crash at any moment leaves either the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, **to_safe(payload)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; a checkpoint is an ordinary run file
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself must survive a power cut
+    except OSError as exc:  # a full disk: one line naming the file
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut
-    finally:
-        os.close(dir_fd)
     return path
+
+
+def read_weights_file(path: Path, what: str = "weights file") -> Any:
+    """``torch.load(path, weights_only=True)``; CheckpointError naming the file when it is unreadable, or when it
+    holds Python objects other than tensors and plain containers (refused, never unpickled)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            culprit = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
+            raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors, which are not "
+                                  f"loaded from files ({culprit.rstrip('.')})" if culprit else
+                                  f"{path}: refused: it holds Python objects other than tensors") from None
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt?)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt?): {reason}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
@@ -62,10 +87,7 @@ def load_checkpoint(path: str | os.PathLike, task: str | None = None) -> dict[st
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}") from None
+    payload = read_weights_file(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cnnapps checkpoint (no '{FORMAT}' marker)")
     if task is not None and payload.get("task") != task:
@@ -98,10 +120,7 @@ def load_matching_weights(model: nn.Module, path: str | os.PathLike,
     """Transfer learning: copy every tensor of a cnnapps checkpoint or a raw ``state_dict`` file (torchvision
     weights) whose name and shape match ``model``, except ``skip_names``. Returns (loaded, skipped) names."""
     path = Path(path)
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"{path}: not a readable weights file: {exc}") from None
+    raw = read_weights_file(path)
     state = raw.get("model", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: holds no state_dict of tensors")

@@ -9,7 +9,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,22 @@ def _check_value(f: dataclasses.Field, value: Any, key: str) -> None:
                       ("lt", lambda b: value < b)):
             if m.get(k) is not None and not ok(m[k]):
                 raise ConfigError(f"{key} = {value!r}: must be {allowed(f)}")
+
+
+def check_backbone(name: str, key: str = "model.backbone", dim: int | None = None) -> None:
+    """ConfigError naming ``key`` when ``name`` is no registered backbone (with the closest names), or not of
+    dimension ``dim`` (1 or 2) where a task needs one."""
+    from cnnapps.backbones import backbone_info, list_backbones
+
+    names = list_backbones()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `cnnapps list` shows them all"
+        raise ConfigError(f"{key} = {name!r}: no such backbone{hint}")
+    if dim is not None and backbone_info(name).dim != dim:
+        matching = [n for n in names if backbone_info(n).dim == dim]
+        raise ConfigError(f"{key} = {name!r}: a {backbone_info(name).dim}D backbone, this task needs a {dim}D one "
+                          f"({', '.join(matching[:6])}, ...)")
 
 
 @dataclass
@@ -325,17 +341,30 @@ def read_config(config: str | os.PathLike | None, search: Path | None = None, _s
     return _merge(read_config(beside if beside.is_file() else base, found.parent, _seen + (where,)), values)
 
 
-def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                search: Path | None = None) -> Any:
+def nest(flat: Mapping[str, Any]) -> dict:
+    """``{"train.lr": 0.1}`` -> ``{"train": {"lr": 0.1}}``."""
+    nested: dict = {}
+    for key, value in flat.items():
+        *parents, last = str(key).split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return nested
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None,
+                overrides: Sequence[str] | Mapping[str, Any] | None = None, search: Path | None = None) -> Any:
     """Defaults of ``cls``, then the config ``path`` names (a file, or a shipped name looked up in ``search``;
-    its ``base`` first), then ``overrides``; returns a validated ``cls`` instance."""
+    its ``base`` first), then ``overrides`` (``--set`` strings, or a mapping of dotted keys to typed values);
+    returns a validated ``cls`` instance."""
     values = read_config(path, search)
     if overrides:
-        values = _merge(values, parse_overrides(overrides))
+        values = _merge(values, nest(overrides) if isinstance(overrides, Mapping) else parse_overrides(list(overrides)))
     try:
         return from_dict(cls, values)
     except ConfigError as exc:
-        raise ConfigError(f"{path or 'config'}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
 
 
 # ---------------------------------------------------------------- writing
@@ -363,3 +392,31 @@ def dumps_toml(values: dict, _prefix: str = "") -> str:
             name = f"{_prefix}.{k}" if _prefix else k
             lines += ["", f"[{name}]", dumps_toml(v, name)]
     return "\n".join(lines).strip() + "\n"
+
+
+def _comment(text: str, width: int = 110) -> list[str]:
+    import textwrap
+
+    return ["# " + line for line in textwrap.wrap(text, width - 2)] if text else []
+
+
+def dumps_documented(cfg: Any, _prefix: str = "") -> str:
+    """A config dataclass as TOML with every field's meaning and allowed values as comments above it (from the
+    fields' ``option`` metadata): what ``cnnapps <task> config`` prints. The text loads back to the same config."""
+    plain, tables = [], []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f"{_prefix}.{f.name}" if _prefix else f.name
+        about = f.metadata.get("help", "")
+        rule = allowed(f)
+        note = f"{about} [{rule}]" if about and rule else about or (f"[{rule}]" if rule else "")
+        if dataclasses.is_dataclass(value):
+            doc = (type(value).__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+            if doc.startswith(type(value).__name__ + "("):  # the signature dataclasses write, not a description
+                doc = ""
+            tables += ["", f"[{name}]", *_comment(doc), dumps_documented(value, name).rstrip()]
+        elif isinstance(value, dict):
+            tables += ["", f"[{name}]", *_comment(note), dumps_toml(value, name).rstrip() if value else ""]
+        else:
+            plain += [*_comment(note), f"{f.name} = {_toml_value(value)}"]
+    return "\n".join(line for line in [*plain, *tables]).strip() + "\n"

@@ -1,7 +1,6 @@
 """Plots the engine draws for every run: training curves from metrics.jsonl, and a confusion-matrix helper."""
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: runs and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -23,28 +23,38 @@ def save_figure(fig: plt.Figure, out_png: Path | str, dpi: int = 110) -> Path:
     return out_png
 
 
-def plot_curves(metrics_jsonl: Path, out_png: Path, monitor: str) -> Path | None:
-    """Loss (train and val), the monitored metric and the learning rate per epoch; None if nothing logged."""
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    if not rows:
+def plot_curves(history: Sequence[dict], steps: Sequence[Sequence[float]], steps_per_epoch: int, out_png: Path,
+                monitor: str) -> Path | None:
+    """Three panels: the training loss per optimiser step (thin) with its epoch means and the validation loss;
+    the monitored validation metric per epoch; the learning rate per optimiser step. The x axis is in epochs
+    with integer ticks (steps are placed at step / steps_per_epoch). ``steps`` rows are [global step, lr, loss].
+    Returns the path, or None if nothing was logged."""
+    if not history:
         return None
-    epochs = [r["epoch"] for r in rows]
+    epochs = [r["epoch"] for r in history]
+    per = max(1, steps_per_epoch)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [r.get("train_loss") for r in rows], marker="o", label="train")
-    if any("val_loss" in r for r in rows):
-        axes[0].plot([r["epoch"] for r in rows if "val_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r],
-                     marker="o", label="val")
+    if steps:
+        xs = [s[0] / per for s in steps]
+        axes[0].plot(xs, [s[2] for s in steps], color="tab:blue", alpha=0.25, lw=0.8, label="train (per step)")
+        axes[2].plot(xs, [s[1] for s in steps], color="tab:orange")
+    else:  # a run from before per-step logging: the learning rate at each epoch's end
+        axes[2].plot(epochs, [r.get("lr") for r in history], marker="o", color="tab:orange")
+    axes[0].plot(epochs, [r.get("train_loss") for r in history], marker="o", color="tab:blue", label="train (epoch)")
+    val = [(r["epoch"], r["val_loss"]) for r in history if "val_loss" in r]
+    if val:
+        axes[0].plot(*zip(*val), marker="o", color="tab:red", label="validation")
     axes[0].set_title("loss")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     key = f"val_{monitor}"
-    pts = [(r["epoch"], r[key]) for r in rows if key in r]
+    pts = [(r["epoch"], r[key]) for r in history if key in r]
     if pts:
         axes[1].plot(*zip(*pts), marker="o", color="tab:green")
     axes[1].set_title(key)
-    axes[2].plot(epochs, [r.get("lr") for r in rows], marker="o", color="tab:orange")
-    axes[2].set_title("learning rate")
+    axes[2].set_title("learning rate (per step)" if steps else "learning rate")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     return save_figure(fig, out_png)
 

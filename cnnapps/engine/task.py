@@ -94,6 +94,11 @@ class Task:
         """Optimiser parameter groups (e.g. a lower learning rate for a pretrained backbone); None: one group."""
         return None
 
+    def callbacks(self, cfg: TaskConfig) -> list[Any]:
+        """The task's own callbacks (``cnnapps.engine.callbacks.Callback``), run in every fit of this task beside
+        the engine's (e.g. per-class thresholds calibrated after each validation)."""
+        return []
+
     def predict(self, model: nn.Module, inputs: list[str], state: dict, cfg: TaskConfig,
                 device: torch.device, **kw: Any) -> Iterator[dict]:
         """Yield one JSON-ready dict per input path."""

@@ -1,8 +1,13 @@
-"""The one training loop: devices, precision, optimiser and schedule, checkpoints, resume, progress, early
-stopping, EMA, logging, plots and torch.distributed. Tasks say what a step is; this module says when."""
+"""The training loop: build, restore, train an epoch, validate, let the callbacks act, evaluate the best weights.
+
+Tasks say what a step is; this module says when. Everything optional (transfer, EMA, early stopping, checkpoints,
+loggers, curves, reports, run facts) is a callback (``cnnapps.engine.callbacks``); torch.distributed details live
+in ``cnnapps.engine.distributed``; the run folder's lock and atomic files in ``cnnapps.engine.runfolder``.
+"""
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import logging
 import math
@@ -15,42 +20,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from tqdm.auto import tqdm
 
-from cnnapps.engine.checkpoint import (CheckpointError, load_checkpoint, load_matching_weights, load_model_state,
-                                       save_checkpoint)
-from cnnapps.engine.config import ConfigError, dumps_toml, from_dict, to_dict
+from cnnapps.engine import distributed as ddp
+from cnnapps.engine.callbacks import (EMA, Callback, Checkpoint, Curves, EarlyStopping, ProgressBar, RunFacts,
+                                      TaskReport, Transfer, stage_boundary)
+from cnnapps.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from cnnapps.engine.config import ConfigError, TrainConfig, dumps_toml, from_dict, to_dict
 from cnnapps.engine.optim import build_optimizer, build_scheduler
-from cnnapps.engine.plots import plot_curves
-from cnnapps.engine.runinfo import load_average, run_facts
+from cnnapps.engine.loggers import make_loggers
+from cnnapps.engine.runfolder import RunFolder, RunFolderError, write_atomic
+from cnnapps.engine.state import FitResult
 from cnnapps.engine.sampling import EpochShardSampler
 from cnnapps.engine.seeding import epoch_seed, rng_states, seed_everything, seed_worker, set_rng_states
-from cnnapps.metrics.base import Metric, headline
 from cnnapps.engine.task import DataSplits, Task, TaskConfig
+from cnnapps.metrics.base import Metric
 
 log = logging.getLogger(__name__)
+
+__all__ = ["FitResult", "Trainer", "TrainingDiverged", "RunFolderError", "fit", "evaluate_checkpoints",
+           "model_from_checkpoint", "resolve_device", "stage_boundary"]
+_stage_boundary = stage_boundary  # the name earlier code imported
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and step."""
-
-
-@dataclass
-class FitResult:
-    """What ``fit`` returns: where the run lives and its final numbers."""
-
-    run_dir: Path
-    test_metrics: dict[str, float]
-    best_epoch: int
-    best_value: float | None
-    epochs_run: int
-    train_seconds: float
-    history: list[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- small helpers
@@ -115,341 +112,326 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def make_loader(dataset: Dataset, data: DataSplits, tc: TrainConfig, train: bool, epoch: int,
+                device: torch.device) -> DataLoader:
+    """The DataLoader of one pass: training batches in the seeded order of ``(seed, epoch)``, this process's
+    share of each global batch under torch.distributed; evaluation batches in order."""
+    workers = tc.num_workers if tc.num_workers >= 0 else (min(4, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    g = torch.Generator()
+    g.manual_seed(epoch_seed(tc.seed, epoch))
+    world = ddp.world_size()
+    if train:
+        if tc.batch_size % (world * tc.grad_accum):
+            raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by world size {world} "
+                              f"x grad_accum {tc.grad_accum}")
+        bs = tc.batch_size // (world * tc.grad_accum)
+        sampler = EpochShardSampler(len(dataset), tc.batch_size, epoch_seed(tc.seed, epoch), rank=ddp.rank(),
+                                    world=world, weights=data.sample_weights, drop_last=world > 1)
+    else:
+        bs = tc.eval_batch_size or tc.batch_size
+        sampler = SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=data.collate_fn, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      worker_init_fn=seed_worker, generator=g, drop_last=False)
 
 
-def _stage_boundary(model: nn.Module, n_stages: int) -> tuple[list[str], list[str]]:
-    """Split parameter names into (body, head): body = the parameters of every module registered up to the end
-    of the backbone's first ``n_stages`` feature stages (all stages when n_stages < 0), stem included. A task
-    model holds its zoo network as ``.backbone``; anything outside the backbone counts as head."""
-    backbone = getattr(model, "backbone", model)
-    prefix = "backbone." if backbone is not model else ""
-    info = getattr(backbone, "feature_info", None)
-    if info is None:
-        raise ConfigError("freeze_stages / backbone_lr_mult need a backbone with feature_info")
-    names = [n for n, _ in model.named_parameters()]
-    n = len(info) if n_stages < 0 else min(n_stages, len(info))
-    if n == 0:
-        return [], names
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # registration (pre-)order
-    stage = prefix + info.module_name(n - 1)
-    if stage not in order:
-        raise ConfigError(f"feature stage module {stage!r} not found in the model")
-    end = max(i for name, i in order.items() if name == stage or name.startswith(stage + "."))
-    body = [p for p in names if p.startswith(prefix) and order[p.rsplit(".", 1)[0]] <= end]
-    body_set = set(body)
-    return body, [p for p in names if p not in body_set]
+def run_eval(task: Task, cfg: TaskConfig, model: nn.Module, loader: DataLoader, metric: Metric,
+             device: torch.device, desc: str = "eval", quiet: bool = True) -> dict[str, float]:
+    """Metric values of ``model`` over every batch of ``loader``, plus ``loss`` (mean per example) where the
+    task's step gives a loss in evaluation (a detector in eval mode gives none)."""
+    model.eval()
+    metric.reset()
+    total, n, scored = 0.0, 0, False
+    show = not quiet and sys.stderr.isatty() and ddp.is_rank0()
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
+            batch = to_device(batch, device, cfg.train.channels_last)
+            with autocast(device, cfg.train.precision):
+                out = task.step(model, batch, cfg)
+            bs = batch_size_of(batch)
+            if out.get("loss") is not None:
+                total += float(out["loss"]) * bs
+                scored = True
+            n += bs
+            metric.update(detach_output(out["output"]), batch)
+    values = metric.compute()
+    if scored:
+        values["loss"] = total / max(n, 1)
+    return values
 
 
 # ---------------------------------------------------------------- the trainer
 
 
+def default_callbacks(tc: TrainConfig, quiet: bool) -> tuple[list[Callback], list[Callback]]:
+    """What every fit runs, as (before the task's and the user's callbacks, after them): transfer, EMA, early
+    stopping, progress, curves and the task's report first; the loggers of ``train.loggers``, run facts and
+    checkpoints last (so they see every value the others add, and checkpoints hold every state)."""
+    before: list[Callback] = [Transfer()]
+    if tc.ema_decay > 0:
+        before.append(EMA(tc.ema_decay))
+    if tc.early_stop_patience:
+        before.append(EarlyStopping(tc.early_stop_patience))
+    before += [ProgressBar(enabled=not quiet and sys.stderr.isatty()), Curves(), TaskReport()]
+    after: list[Callback] = [*make_loggers(tc.loggers), RunFacts(), Checkpoint()]
+    return before, after
+
+
 class Trainer:
-    """Runs one task: ``Trainer(task, cfg, run_dir, data_root).fit()``; ``evaluate`` for a finished model."""
+    """One fit of one task: ``Trainer(task, cfg, run_dir, data_root, callbacks=[...]).fit(resume=False)``.
+
+    Its attributes are the state of the fit that callbacks read (``model``, ``optimizer``, ``scheduler``,
+    ``data``, ``metric``, ``epoch``, ``global_step``, ``history``, ``best_value``, ``best_epoch``, ``improved``,
+    ``steps_per_epoch``, ``run_dir``, ``run``, ``device``, ``is_rank0``, ``resuming``). ``overwrite`` replaces a
+    run folder that holds another run (without it, and without ``resume``, such a folder is refused)."""
 
     def __init__(self, task: Task, cfg: TaskConfig, run_dir: str | os.PathLike, data_root: str | os.PathLike,
-                 quiet: bool = False) -> None:
+                 callbacks: Sequence[Callback] = (), quiet: bool = False, overwrite: bool = False) -> None:
         self.task, self.cfg, self.tc = task, cfg, cfg.train
-        self.run_dir = Path(run_dir)
-        self.data_root = Path(data_root)
-        self.quiet = quiet
+        self.run_dir, self.data_root = Path(run_dir), Path(data_root)
+        self.quiet, self.overwrite = quiet, overwrite
         self.monitor = self.tc.monitor or task.monitor
-        self.mode = task.monitor_mode if not self.tc.monitor or self.tc.monitor == task.monitor else "max"
+        self.mode = task.monitor_mode if self.monitor == task.monitor else "max"
         if self.monitor.endswith("loss"):
             self.mode = "min"
-        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        before, after = default_callbacks(self.tc, quiet)
+        self.callbacks: list[Callback] = [*before, *task.callbacks(cfg), *callbacks, *after]
+        keys = [cb.state_key for cb in self.callbacks]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"callbacks: two share a state_key ({', '.join(sorted(k for k in keys if keys.count(k) > 1))}); "
+                              "give one a state_key property of its own")
+        # only the callbacks that implement a hook are called for it (the per-step ones run thousands of times)
+        self._hooks = {name: [cb for cb in self.callbacks if getattr(type(cb), name) is not getattr(Callback, name)]
+                       for name in ("configure_model", "setup", "on_fit_start", "on_train_epoch_start",
+                                    "on_train_batch_end", "on_validation_end", "on_epoch_end", "on_fit_end")}
+        self.device = torch.device("cpu")
+        self.is_rank0, self.resuming = True, False
+        self.run: RunFolder | None = None
+        self.data: DataSplits | None = None
+        self.model: nn.Module | None = None
+        self.train_model: nn.Module | None = None
+        self.param_groups: list[dict] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.metric: Metric | None = None
+        self.test_metric: Metric | None = None
+        self.epoch, self.global_step, self.steps_per_epoch = 0, 0, 0
+        self.history: list[dict] = []
+        self.best_value: float | None = None
+        self.best_epoch, self.improved = 0, False
+        self.pictures: dict[str, str] = {}
 
-    # ---- setup
-    def _setup_process(self) -> torch.device:
-        device = resolve_device(self.tc.device)
-        if self.distributed and not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend)
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
+    # ---- the loop
+    def fit(self, resume: bool = False) -> FitResult:
+        """Train, validate each epoch, keep best.pt/last.pt, then evaluate the best weights on the test split."""
+        self.resuming = resume
+        self._setup_process()
+        folder = RunFolder(self.run_dir, resume=resume, overwrite=self.overwrite) if self.is_rank0 else None
+        with folder or contextlib.nullcontext():
+            self.run = folder
+            self._build()
+            if resume:
+                self._restore()
+            if self.is_rank0:  # written once the config has proved it fits (a failed resume leaves the old one)
+                self.run.write_text("config.toml", dumps_toml(to_dict(self.cfg)))
+            self._emit("on_fit_start")
+            stop = False
+            while not stop and self.epoch < self.tc.epochs:
+                self.epoch += 1
+                row = self._train_epoch()
+                if self._validates():
+                    row.update({f"val_{k}": v for k, v in self.evaluate(self.model, self.data.val, "val").items()})
+                    stop = self._emit_stop("on_validation_end", row)
+                self._update_monitor(row)
+                self.history.append(row)
+                stop = ddp.broadcast_flag(self._emit_stop("on_epoch_end", row) or stop, self.device)
+            result = self._test(stopped_early=stop and self.epoch < self.tc.epochs)
+            self._emit("on_fit_end", result)
+        ddp.barrier()
+        return result
+
+    def _train_epoch(self) -> dict[str, Any]:
+        tc = self.tc
+        # Every epoch re-seeds from (seed, epoch): a resumed run shuffles and augments exactly as the original.
+        seed_everything(epoch_seed(tc.seed, self.epoch), tc.deterministic)
+        loader = make_loader(self.data.train, self.data, tc, True, self.epoch, self.device)
+        self.train_model.train()
+        self._emit("on_train_epoch_start")
+        t0, seen, loss_sum, step_loss, steps = time.perf_counter(), 0, 0.0, 0.0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(loader):
+            batch = to_device(batch, self.device, tc.channels_last)
+            with autocast(self.device, tc.precision):
+                loss = self.task.step(self.train_model, batch, self.cfg)["loss"]
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(self._diverged(value, steps + 1))
+            self.scaler.scale(loss / tc.grad_accum).backward()
+            bs = batch_size_of(batch)
+            seen, loss_sum, step_loss = seen + bs, loss_sum + value * bs, step_loss + value / tc.grad_accum
+            if (i + 1) % tc.grad_accum:
+                continue
+            self._optimizer_step()
+            steps, self.global_step = steps + 1, self.global_step + 1
+            for cb in self._hooks["on_train_batch_end"]:
+                cb.on_train_batch_end(self, step_loss)
+            step_loss = 0.0
+            if steps >= self.steps_per_epoch:
+                break
+        seconds = time.perf_counter() - t0
+        return {"epoch": self.epoch, "train_loss": loss_sum / max(seen, 1),
+                "lr": self.optimizer.param_groups[-1]["lr"], "seconds": round(seconds, 3),
+                "samples_per_s": round(seen / max(seconds, 1e-9), 2), "steps": steps}
+
+    def _optimizer_step(self) -> None:
+        if self.tc.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None and not isinstance(self.scheduler, ReduceLROnPlateau):
+            self.scheduler.step()
+
+    def evaluate(self, model: nn.Module, dataset: Dataset, desc: str, metric: Metric | None = None
+                 ) -> dict[str, float]:
+        """Metric values of ``model`` on ``dataset`` (rank 0 only; the others get {})."""
+        if not self.is_rank0:
+            return {}
+        loader = make_loader(dataset, self.data, self.tc, False, self.epoch, self.device)
+        return run_eval(self.task, self.cfg, model, loader, metric or self.metric, self.device, desc, self.quiet)
+
+    # ---- building, restoring, finishing
+    def _setup_process(self) -> None:
+        self.device = resolve_device(self.tc.device)
+        ddp.init(self.device)
+        self.is_rank0 = ddp.is_rank0()
         if self.tc.threads > 0:
             torch.set_num_threads(self.tc.threads)
         seed_everything(self.tc.seed, self.tc.deterministic)
-        return device
 
-    def _loader(self, dataset: Dataset, data: DataSplits, train: bool, epoch: int, device: torch.device) -> DataLoader:
+    def _build(self) -> None:
         tc = self.tc
-        workers = tc.num_workers if tc.num_workers >= 0 else (min(4, os.cpu_count() or 1) if device.type == "cuda" else 0)
-        g = torch.Generator()
-        g.manual_seed(epoch_seed(tc.seed, epoch))
-        world = dist.get_world_size() if self.distributed else 1
-        if train:
-            if tc.batch_size % (world * tc.grad_accum):
-                raise ConfigError(f"train.batch_size {tc.batch_size} must be divisible by world size {world} "
-                                  f"x grad_accum {tc.grad_accum}")
-            bs = tc.batch_size // (world * tc.grad_accum)
-            sampler = EpochShardSampler(len(dataset), tc.batch_size, epoch_seed(tc.seed, epoch),
-                                        rank=dist.get_rank() if self.distributed else 0, world=world,
-                                        weights=data.sample_weights, drop_last=world > 1)
-        else:
-            bs = tc.eval_batch_size or tc.batch_size
-            sampler = SequentialSampler(dataset)
-        return DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=data.collate_fn, num_workers=workers,
-                          pin_memory=device.type == "cuda", persistent_workers=False,
-                          worker_init_fn=seed_worker, generator=g, drop_last=False)
-
-    def _apply_transfer(self, model: nn.Module) -> list[dict] | None:
-        tc = self.tc
-        if tc.init_checkpoint:
-            head = _stage_boundary(model, -1)[1] if tc.reset_head else []
-            loaded, skipped = load_matching_weights(model, tc.init_checkpoint, skip_names=tuple(head))
-            log.info("init_checkpoint %s: loaded %d tensors, kept %d fresh (%s%s)", tc.init_checkpoint, len(loaded),
-                     len(skipped), ", ".join(skipped[:4]), " ..." if len(skipped) > 4 else "")
-        if tc.freeze_stages:
-            frozen, _ = _stage_boundary(model, tc.freeze_stages)
-            params = dict(model.named_parameters())
-            for name in frozen:
-                params[name].requires_grad_(False)
-            log.info("froze %d parameter tensors (freeze_stages=%d)", len(frozen), tc.freeze_stages)
-        groups = self.task.param_groups(model, self.cfg)
-        if groups is None and tc.backbone_lr_mult != 1.0:
-            body, head = _stage_boundary(model, -1)
-            params = dict(model.named_parameters())
-            groups = [{"params": [params[n] for n in body if params[n].requires_grad],
-                       "lr": tc.lr * tc.backbone_lr_mult},
-                      {"params": [params[n] for n in head if params[n].requires_grad], "lr": tc.lr}]
-            groups = [g for g in groups if g["params"]]
-        return groups
-
-    # ---- one pass over a split
-    def run_eval(self, model: nn.Module, loader: DataLoader, metric: Metric, device: torch.device,
-                 desc: str = "eval") -> dict[str, float]:
-        """Evaluate ``model`` on every batch of ``loader``: metric values plus ``loss`` (mean per example)."""
-        model.eval()
-        metric.reset()
-        total, n = 0.0, 0
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc=desc, leave=False, disable=self._no_bar()):
-                batch = to_device(batch, device, self.tc.channels_last)
-                with autocast(device, self.tc.precision):
-                    out = self.task.step(model, batch, self.cfg)
-                bs = batch_size_of(batch)
-                total += float(out["loss"]) * bs
-                n += bs
-                metric.update(detach_output(out["output"]), batch)
-        values = metric.compute()
-        values["loss"] = total / max(n, 1)
-        return values
-
-    def _finish_run_facts(self, wall: float, resumed: bool) -> None:
-        """Add the end of the run to run.json (load, wall time of this process's fit, data building and test
-        evaluation included), so that ``bench --from-run`` can report them."""
-        path = self.run_dir / "run.json"
-        facts = json.loads(path.read_text()) if path.is_file() else {}
-        facts.update({"load_at_end": load_average(), "wall_seconds": round(wall, 2), "resumed": bool(resumed),
-                      "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
-        path.write_text(json.dumps(facts, indent=2))
-
-    def _no_bar(self) -> bool:
-        return self.quiet or not sys.stderr.isatty() or not is_rank0()
-
-    # ---- training
-    def fit(self, resume: bool = False) -> FitResult:
-        """Train, validate each epoch, keep last.pt/best.pt, then evaluate best weights on the test split."""
-        tc, task = self.tc, self.task
-        t_fit = time.perf_counter()
-        device = self._setup_process()
-        rank0 = is_rank0()
-        ckpt_dir = self.run_dir / "checkpoints"
-        if rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(dumps_toml(to_dict(self.cfg)))
-            if not resume or not (self.run_dir / "run.json").is_file():
-                (self.run_dir / "run.json").write_text(json.dumps({"task": task.name, **run_facts(device)}, indent=2))
-
-        data = task.build_data(self.cfg, self.data_root)
+        self.data = data = self.task.build_data(self.cfg, self.data_root)
         for reason, count in data.skipped.items():
             log.warning("skipped %d example(s): %s", count, reason)
-        model = task.build_model(self.cfg, data)
-        groups = self._apply_transfer(model)
-        if self.distributed and tc.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(device)
+        self.model = self.task.build_model(self.cfg, data)
+        self.param_groups = self.task.param_groups(self.model, self.cfg)
+        self._emit("configure_model")
+        self.model = ddp.prepare_model(self.model, self.device, tc.sync_bn).to(self.device)
         if tc.channels_last:
-            model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(groups if groups is not None else
-                                    [p for p in model.parameters() if p.requires_grad], tc)
-        steps_per_epoch = self._steps_per_epoch(data, device)
-        scheduler = build_scheduler(optimizer, tc, steps_per_epoch)
-        scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True) \
-            if tc.ema_decay > 0 else None
+            self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.param_groups if self.param_groups is not None else
+                                         [p for p in self.model.parameters() if p.requires_grad], tc)
+        batches = len(make_loader(data.train, data, tc, True, 0, self.device))
+        self.steps_per_epoch = min(math.ceil(batches / tc.grad_accum), tc.max_steps_per_epoch or batches)
+        self.scheduler = build_scheduler(self.optimizer, tc, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+        self.metric = self.task.metrics(self.cfg, data)
+        self._emit("setup")
+        self.train_model = ddp.wrap(torch.compile(self.model) if tc.compile else self.model, self.device)
 
-        start_epoch, best_value, best_epoch, history = 1, None, 0, []
-        last_path = ckpt_dir / "last.pt"
-        if resume:
-            if not last_path.is_file():
-                raise CheckpointError(f"--resume: no {last_path} to resume from")
-            state = load_checkpoint(last_path, task=task.name)
-            load_model_state(model, state["model"], last_path)
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler"):
-                scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            if ema is not None and state.get("ema"):
-                ema.load_state_dict(state["ema"])
-            set_rng_states(state["rng"])
-            start_epoch, best_value, best_epoch = state["epoch"] + 1, state["best_value"], state["best_epoch"]
-            history = list(state.get("history", []))
-            log.info("resumed %s at epoch %d", last_path, start_epoch)
+    def _restore(self) -> None:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise CheckpointError(f"--resume: no {last} to resume from")
+        state = load_checkpoint(last, task=self.task.name)
+        load_model_state(self.model, state["model"], last)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+        self.epoch, self.best_value, self.best_epoch = state["epoch"], state["best_value"], state["best_epoch"]
+        self.history = list(state.get("history", []))
+        self.global_step = int(state.get("global_step", sum(h.get("steps", 0) for h in self.history)))
+        saved = state.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.state_key in saved:
+                cb.load_state_dict(saved[cb.state_key])
+        self._note_schedule_change(state.get("config", {}).get("train", {}).get("epochs"))
+        log.info("resumed %s after epoch %d", last, self.epoch)
 
-        train_model: nn.Module = model
-        if tc.compile:
-            train_model = torch.compile(model)
-        if self.distributed:
-            train_model = nn.parallel.DistributedDataParallel(
-                train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    def _note_schedule_change(self, old_epochs: int | None) -> None:
+        """A resumed run with another number of epochs continues its schedule over the new length; say so."""
+        if old_epochs is None or old_epochs == self.tc.epochs:
+            return
+        if hasattr(self.scheduler, "total_steps"):  # one-cycle keeps its length in its state
+            self.scheduler.total_steps = self.tc.epochs * self.steps_per_epoch
+        log.warning("resumed with train.epochs %d -> %d: the %s schedule now spans %d epochs from where it stood "
+                    "(its shape differs from a run planned for %d epochs from the start)", old_epochs,
+                    self.tc.epochs, self.tc.schedule, self.tc.epochs, self.tc.epochs)
 
-        metric = task.metrics(self.cfg, data)
-        bad_epochs = 0
-        t_train = sum(h.get("seconds", 0.0) for h in history)
-        for epoch in range(start_epoch, tc.epochs + 1):
-            row = self._train_epoch(train_model, model, optimizer, scheduler, scaler, ema, data, device, epoch,
-                                    steps_per_epoch)
-            t_train += row["seconds"]
-            if data.val is not None and (epoch % tc.eval_every == 0 or epoch == tc.epochs):
-                if rank0:
-                    vals = self.run_eval(model, self._loader(data.val, data, False, epoch, device), metric, device,
-                                         desc="val")
-                    row.update({f"val_{k}": v for k, v in vals.items()})
-                    if ema is not None:
-                        evals = self.run_eval(ema.module, self._loader(data.val, data, False, epoch, device),
-                                              metric, device, desc="val ema")
-                        row.update({f"val_ema_{k}": v for k, v in evals.items()})
-                value = self._broadcast(row.get(f"val_{self.monitor}"), device)
-                if value is None:
-                    raise ConfigError(f"monitor metric {self.monitor!r} not among the task's metrics: "
-                                      f"{', '.join(k[4:] for k in row if k.startswith('val_'))}")
-                if isinstance(scheduler, ReduceLROnPlateau):
-                    scheduler.step(value if self.mode == "max" else -value)
-                improved = best_value is None or (value > best_value if self.mode == "max" else value < best_value)
-                if improved:
-                    best_value, best_epoch, bad_epochs = value, epoch, 0
-                else:
-                    bad_epochs += 1
-            else:
-                improved = data.val is None  # without a validation split the latest weights are the best
-                if improved:
-                    best_epoch = epoch
-            history.append(row)
-            if rank0:
-                with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                payload = self._payload(model, optimizer, scheduler, scaler, ema, data, epoch, best_value,
-                                        best_epoch, history)
-                save_checkpoint(payload, last_path)
-                if improved:
-                    save_checkpoint(payload, ckpt_dir / "best.pt")
-                self._log_epoch(row)
-            if tc.early_stop_patience and bad_epochs >= tc.early_stop_patience:
-                log.info("early stop: %s did not improve for %d epochs", self.monitor, bad_epochs)
-                break
+    def _validates(self) -> bool:
+        return self.data.val is not None and (self.epoch % self.tc.eval_every == 0 or self.epoch == self.tc.epochs)
 
-        test_metrics: dict[str, float] = {}
-        if rank0:
-            best_path = ckpt_dir / "best.pt"
-            if best_path.is_file():
-                load_model_state(model, load_checkpoint(best_path, task=task.name)["model"], best_path)
-            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", self.monitor) \
-                if (self.run_dir / "metrics.jsonl").is_file() else None
-            if data.test is not None:
-                test_metrics = self.run_eval(model, self._loader(data.test, data, False, 0, device), metric, device,
-                                             desc="test")
-                task.report(self.run_dir, metric, data)
-            test_metrics.update({"best_epoch": best_epoch, "train_seconds": round(t_train, 2)})
-            (self.run_dir / "metrics.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
-            self._finish_run_facts(time.perf_counter() - t_fit, resume)
-        if self.distributed:
-            dist.barrier()
-        return FitResult(self.run_dir, test_metrics, best_epoch, best_value, len(history), t_train, history)
+    def _update_monitor(self, row: dict[str, Any]) -> None:
+        """Best value and epoch of the monitored metric; ``improved`` says whether this epoch is the new best."""
+        if not self._validates():  # without a validation split the latest weights are the best
+            self.improved = self.data.val is None
+            self.best_epoch = self.epoch if self.improved else self.best_epoch
+            return
+        key = f"val_{self.monitor}"
+        if self.is_rank0 and key not in row:
+            raise ConfigError(f"train.monitor: {self.monitor!r} is not among the task's validation metrics: "
+                              f"{', '.join(k[4:] for k in row if k.startswith('val_'))}")
+        value = ddp.broadcast_value(row.get(key), self.device)
+        if isinstance(self.scheduler, ReduceLROnPlateau):
+            self.scheduler.step(value if self.mode == "max" else -value)
+        best = self.best_value
+        self.improved = best is None or (value > best if self.mode == "max" else value < best)
+        if self.improved:
+            self.best_value, self.best_epoch = value, self.epoch
 
-    def _steps_per_epoch(self, data: DataSplits, device: torch.device) -> int:
-        n = math.ceil(len(self._loader(data.train, data, True, 0, device)) / self.tc.grad_accum)
-        return min(n, self.tc.max_steps_per_epoch) if self.tc.max_steps_per_epoch else n
+    def _test(self, stopped_early: bool) -> FitResult:
+        """Load best.pt and evaluate it on the test split; metrics.json (rank 0)."""
+        test: dict[str, float] = {}
+        train_seconds = round(sum(h.get("seconds", 0.0) for h in self.history), 2)
+        if self.is_rank0:
+            best = self.run_dir / "checkpoints" / "best.pt"
+            if best.is_file():
+                load_model_state(self.model, load_checkpoint(best, task=self.task.name)["model"], best)
+            if self.data.test is not None:
+                test = self.evaluate(self.model, self.data.test, "test")
+                self.test_metric = self.metric
+            test.update({"best_epoch": self.best_epoch, "train_seconds": train_seconds})
+            self.run.write_text("metrics.json", json.dumps(test, indent=2) + "\n")
+        return FitResult(self.run_dir, test, self.best_epoch, self.best_value, len(self.history), train_seconds,
+                         list(self.history), stopped_early)
 
-    def _broadcast(self, value: float | None, device: torch.device) -> float | None:
-        if not self.distributed:
-            return value
-        t = torch.tensor([math.nan if value is None else value], dtype=torch.float64,
-                         device=device if dist.get_backend() == "nccl" else "cpu")
-        dist.broadcast(t, 0)
-        return None if math.isnan(t.item()) else t.item()
+    def checkpoint_payload(self) -> dict[str, Any]:
+        """Everything a resumed run needs, and what evaluation and transfer read (model, config, data state)."""
+        return {"task": self.task.name, "config": to_dict(self.cfg), "data_state": self.data.state,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "global_step": self.global_step,
+                "best_value": self.best_value, "best_epoch": self.best_epoch, "monitor": self.monitor,
+                "rng": rng_states(), "history": self.history,
+                "callbacks": {cb.state_key: s for cb in self.callbacks if (s := cb.state_dict())}}
 
-    def _train_epoch(self, train_model: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, scaler: torch.amp.GradScaler, ema: AveragedModel | None, data: DataSplits,
-                     device: torch.device, epoch: int, steps_per_epoch: int) -> dict:
-        tc = self.tc
-        # Every epoch re-seeds from (seed, epoch): a resumed run shuffles and augments exactly as the original.
-        seed_everything(epoch_seed(tc.seed, epoch), tc.deterministic)
-        loader = self._loader(data.train, data, True, epoch, device)
-        train_model.train()
-        t0, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", disable=self._no_bar(), leave=False)
-        optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(loader):
-            batch = to_device(batch, device, tc.channels_last)
-            with autocast(device, tc.precision):
-                out = self.task.step(train_model, batch, self.cfg)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {steps + 1}; "
-                                       f"the last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'}")
-            scaler.scale(loss / tc.grad_accum).backward()
-            bs = batch_size_of(batch)
-            seen += bs
-            loss_sum += loss.item() * bs
-            if (i + 1) % tc.grad_accum:
-                continue
-            if tc.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
-                scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ips=f"{seen / (time.perf_counter() - t0):.0f}/s")
-            if steps >= steps_per_epoch:
-                break
-        bar.close()
-        seconds = time.perf_counter() - t0
-        return {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": optimizer.param_groups[-1]["lr"],
-                "seconds": round(seconds, 3), "samples_per_s": round(seen / max(seconds, 1e-9), 2), "steps": steps}
+    def _diverged(self, value: float, step: int) -> str:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        return f"non-finite loss ({value}) at epoch {self.epoch}, step {step}; {where}"
 
-    def _payload(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 scaler: torch.amp.GradScaler, ema: AveragedModel | None, data: DataSplits, epoch: int,
-                 best_value: float | None, best_epoch: int, history: list[dict]) -> dict:
-        return {"task": self.task.name, "config": to_dict(self.cfg), "data_state": data.state,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch, "best_value": best_value, "best_epoch": best_epoch, "monitor": self.monitor,
-                "rng": rng_states(), "history": history}
+    def _emit(self, hook: str, *args: Any) -> None:
+        for cb in self._hooks[hook]:
+            getattr(cb, hook)(self, *args)
 
-    def _log_epoch(self, row: dict) -> None:
-        vals = ", ".join(f"{k}={v:.4f}" for k, v in headline(row).items()
-                         if k.startswith("val_") and isinstance(v, float) and "ema" not in k)
-        log.info("epoch %d: train_loss=%.4f %s (%.1fs, %.0f samples/s)", row["epoch"], row["train_loss"], vals,
-                 row["seconds"], row["samples_per_s"])
-
-
-# ---------------------------------------------------------------- using finished checkpoints
+    def _emit_stop(self, hook: str, row: dict[str, Any]) -> bool:
+        """Call ``hook`` on every callback (all of them, even after one asks to stop); True if any asked."""
+        return any([bool(getattr(cb, hook)(self, row)) for cb in self._hooks[hook]])
 
 
 def fit(task: Task, cfg: TaskConfig, run_dir: str | os.PathLike, data_root: str | os.PathLike,
-        resume: bool = False, quiet: bool = False) -> FitResult:
-    """Train ``task`` with ``cfg``; see ``Trainer.fit``."""
-    return Trainer(task, cfg, run_dir, data_root, quiet=quiet).fit(resume=resume)
+        resume: bool = False, quiet: bool = False, callbacks: Sequence[Callback] = (),
+        overwrite: bool = False) -> FitResult:
+    """Train ``task`` with ``cfg`` into ``run_dir``; see ``Trainer``."""
+    return Trainer(task, cfg, run_dir, data_root, callbacks=callbacks, quiet=quiet, overwrite=overwrite).fit(resume)
+
+
+# ---------------------------------------------------------------- using finished checkpoints
 
 
 def model_from_checkpoint(task: Task, path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -461,7 +443,11 @@ def model_from_checkpoint(task: Task, path: str | os.PathLike, device: torch.dev
     except ConfigError as exc:
         raise CheckpointError(f"{path}: its config does not fit this version of task {task.name!r}: {exc}") from None
     data_state = state.get("data_state", {})
-    model = task.build_model(cfg, DataSplits(train=None, val=None, test=None, state=data_state))
+    try:
+        model = task.build_model(cfg, DataSplits(train=None, val=None, test=None, state=data_state))
+    except (ConfigError, KeyError, ValueError) as exc:
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise CheckpointError(f"{path}: cannot rebuild its model: {reason}") from None
     load_model_state(model, state["model"], path)
     model.to(device).eval()
     return model, cfg, data_state
@@ -490,37 +476,55 @@ def evaluate_model(task: Task, model: nn.Module, cfg: TaskConfig, data: DataSpli
                    quiet: bool = True) -> tuple[dict[str, float], Metric]:
     """Metrics of ``model`` on one split of ``data`` (already built): (values, the filled metric object)."""
     device = next(model.parameters()).device
-    trainer = Trainer(task, cfg, Path("."), Path("."), quiet=quiet)
     metric = task.metrics(cfg, data)
-    loader = trainer._loader(split_dataset(data, split, task), data, False, 0, device)
-    return trainer.run_eval(model, loader, metric, device, desc=split), metric
+    loader = make_loader(split_dataset(data, split, task), data, cfg.train, False, 0, device)
+    return run_eval(task, cfg, model, loader, metric, device, split, quiet), metric
 
 
 def load_for_evaluation(task: Task, paths: Sequence[str | os.PathLike], data_root: str | os.PathLike,
-                        split: str = "test") -> tuple[list[nn.Module], list[TaskConfig], DataSplits]:
-    """Models of ``paths`` (on the auto device), the config each was trained with, and the data built with the
+                        split: str = "test", device: str = "auto") -> tuple[list[nn.Module], list[TaskConfig],
+                                                                            DataSplits]:
+    """Models of ``paths`` (on ``device``), the config each was trained with, and the data built with the
     first checkpoint's config and preprocessing."""
-    device = resolve_device("auto")
-    loaded = [model_from_checkpoint(task, p, device) for p in paths]
+    dev = resolve_device(device)
+    loaded = [model_from_checkpoint(task, p, dev) for p in paths]
     _, cfg, data_state = loaded[0]
     data = task.build_data(cfg, Path(data_root), state=data_state, split=split)
     return [m for m, _, _ in loaded], [c for _, c, _ in loaded], data
 
 
+@dataclass
+class Evaluation:
+    """What ``evaluate_checkpoints`` returns: the values, and the files it wrote (none without ``out_dir``)."""
+
+    values: dict[str, float]
+    files: list[Path] = field(default_factory=list)
+
+
 def evaluate_checkpoints(task: Task, paths: Sequence[str | os.PathLike], data_root: str | os.PathLike,
                          split: str = "test", out_dir: str | os.PathLike | None = None,
-                         quiet: bool = False) -> dict[str, float]:
+                         quiet: bool = False, device: str = "auto") -> Evaluation:
     """Evaluate one checkpoint (or the mean of several: an ensemble) on a split, with the preprocessing saved in
-    the first checkpoint. ``split='all'`` evaluates every example of the folder ``data_root``."""
-    models, cfgs, data = load_for_evaluation(task, paths, data_root, split)
+    the first checkpoint. ``split='all'`` evaluates every example of the folder ``data_root``. With ``out_dir``
+    (which may be a training run's folder) the values go to ``eval-<split>-<time>.json`` and the task's report
+    pictures into the folder ``eval-<split>-<time>/``: never over a training run's own files."""
+    models, cfgs, data = load_for_evaluation(task, paths, data_root, split, device)
     cfg = cfgs[0]
     model = models[0] if len(models) == 1 else MeanOfModels(models)
     values, metric = evaluate_model(task, model, cfg, data, split, quiet=quiet)
     for reason, count in data.skipped.items():
         values[f"skipped: {reason}"] = count
+    files: list[Path] = []
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(values, indent=2) + "\n")
-        task.report(out, metric, data)
-    return values
+        stem = f"eval-{split}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        record = {"checkpoints": [str(p) for p in paths], "split": split, "values": values}
+        files.append(write_atomic(out / f"{stem}.json", json.dumps(record, indent=2) + "\n"))
+        pictures = out / stem
+        pictures.mkdir(parents=True, exist_ok=True)
+        task.report(pictures, metric, data)
+        if any(pictures.iterdir()):
+            files.append(pictures)
+        else:
+            pictures.rmdir()
+    return Evaluation(values, files)

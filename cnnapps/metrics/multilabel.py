@@ -3,7 +3,7 @@ validation examples to maximise each class's F1."""
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -73,16 +73,16 @@ class MultiLabelMetrics(Metric):
     ``"mask"`` (B, C) (0 = ignore this label: VOC's difficult-only labels) and ``"calib"`` (B,) bool.
 
     Thresholds: rows flagged ``calib`` (validation images) are where thresholds are chosen. When a pass has
-    calibration rows, ``compute`` picks the F1-maximising threshold per class on them and writes them into
-    ``state["thresholds"]`` (the task's ``DataSplits.state``, which every checkpoint saves, so ``predict`` uses
-    them); the metrics are then computed on the other rows, or on the calibration rows themselves when the pass
-    has no other rows (a validation pass: its F1 is optimistic by construction). A pass without calibration
-    rows uses the thresholds already in ``state`` (0.5 where there are none).
+    calibration rows, ``compute`` picks the F1-maximising threshold per class on them (``calibrated`` holds them
+    afterwards, for the model to keep) and scores the other rows with them, or the calibration rows themselves
+    when the pass has no other rows (a validation pass: its F1 is optimistic by construction). A pass without
+    calibration rows uses the thresholds that came with the outputs (``output["thresholds"]``, the model's own),
+    else 0.5.
     """
 
-    def __init__(self, class_names: Sequence[str], state: MutableMapping[str, Any] | None = None) -> None:
+    def __init__(self, class_names: Sequence[str]) -> None:
         self.class_names = [str(c) for c in class_names]
-        self.state = state if state is not None else {}
+        self.calibrated: np.ndarray | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -90,9 +90,12 @@ class MultiLabelMetrics(Metric):
         self._y: list[np.ndarray] = []
         self._mask: list[np.ndarray] = []
         self._calib: list[np.ndarray] = []
+        self._given: np.ndarray | None = None
 
-    def update(self, output: torch.Tensor, batch: Any) -> None:
+    def update(self, output: torch.Tensor | dict[str, torch.Tensor], batch: Any) -> None:
         logits = output["logits"] if isinstance(output, dict) else output
+        if isinstance(output, dict) and output.get("thresholds") is not None:
+            self._given = output["thresholds"].cpu().numpy().astype(np.float64)
         y = batch["y"]
         self._probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         self._y.append(y.cpu().numpy().astype(np.float64))
@@ -109,19 +112,21 @@ class MultiLabelMetrics(Metric):
                 np.concatenate(self._calib))
 
     def thresholds(self) -> np.ndarray:
-        """The thresholds the last ``compute`` used (C,)."""
-        saved = self.state.get("thresholds")
-        if saved is None:
-            return np.full(len(self.class_names), DEFAULT_THRESHOLD)
-        return np.asarray([float(t) for t in saved], dtype=np.float64)
+        """The thresholds this pass scores with (C,): calibrated on its calibration rows, else the model's."""
+        if self._has_calib():
+            return self.calibrated
+        if self._given is not None:
+            return self._given
+        return np.full(len(self.class_names), DEFAULT_THRESHOLD)
+
+    def _has_calib(self) -> bool:
+        return any(c.any() for c in self._calib)
 
     def _evaluated(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Choose thresholds if this pass has calibration rows; return the (probs, targets, mask) to score."""
         probs, y, mask, calib = self._arrays()
         if calib.any():
-            th = best_f1_thresholds(probs[calib], y[calib], mask[calib])
-            self.state["thresholds"] = [float(t) for t in th]
-            self.state["thresholds_from"] = f"best F1 on {int(calib.sum())} validation images"
+            self.calibrated = best_f1_thresholds(probs[calib], y[calib], mask[calib])
             if (~calib).any():
                 return probs[~calib], y[~calib], mask[~calib]
         return probs, y, mask

@@ -10,6 +10,10 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "cnnapps.tasks"
 
 
+class UnknownTaskError(LookupError):
+    """No installed task plugin has that name; the message lists the installed ones."""
+
+
 def _task_entry_points() -> dict:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
@@ -23,6 +27,10 @@ def get_task(name: str) -> "Task":
     """Instantiate the task plugin registered as ``name``."""
     eps = _task_entry_points()
     if name not in eps:
-        raise KeyError(f"unknown task {name!r}; installed tasks: {', '.join(sorted(eps)) or 'none'}")
+        import difflib
+
+        close = difflib.get_close_matches(name, list(eps), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownTaskError(f"unknown task {name!r}{hint}; installed tasks: {', '.join(sorted(eps)) or 'none'}")
     cls = eps[name].load()
     return cls()

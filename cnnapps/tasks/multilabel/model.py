@@ -19,7 +19,9 @@ class MultiLabelNet(nn.Module):
     The zoo network sits at ``.backbone`` so its tensors are named ``backbone.layer1...``: a segmentation or
     detection model holding the same family at ``.backbone`` loads them by name (transfer learning).
     ``label_freq`` (C,) from the training labels sets the initial bias to their log-odds, so an untrained net
-    starts as the label-frequency predictor instead of at p = 0.5 for every class.
+    starts as the label-frequency predictor instead of at p = 0.5 for every class. ``thresholds`` (C,), a buffer
+    saved with the weights, are the per-class decision thresholds: 0.5 until a validation pass calibrates them
+    (the task's CalibrateThresholds callback), so every checkpoint carries the thresholds of its own epoch.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, mean: Sequence[float], std: Sequence[float],
@@ -42,6 +44,7 @@ class MultiLabelNet(nn.Module):
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         pw = torch.as_tensor(pos_weight if pos_weight is not None else [1.0] * num_classes, dtype=torch.float32)
         self.register_buffer("pos_weight", pw, persistent=False)
+        self.register_buffer("thresholds", torch.full((num_classes,), 0.5))
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) (or float in [0, 1]) -> float (B, 3, H, W) normalised with the training mean/std."""

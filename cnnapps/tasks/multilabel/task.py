@@ -12,14 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset
 
 from cnnapps.data.augment import ImageAugment
 from cnnapps.data.images import ImageReadError, channel_stats, picture_path, read_image, resize_image
+from cnnapps.engine.callbacks import Callback
 from cnnapps.engine.config import ConfigError, TrainConfig
-from cnnapps.engine.task import unwrap
-from cnnapps.metrics.multilabel import DEFAULT_THRESHOLD, MultiLabelMetrics
-from cnnapps.engine.task import DataSplits, Task, TaskConfig
+from cnnapps.engine.task import DataSplits, Task, TaskConfig, unwrap
+from cnnapps.metrics.multilabel import MultiLabelMetrics
 from cnnapps.tasks.multilabel.data import (LabelledImages, MultiLabelImages, decode_images, load_label_csv,
                                            load_voc_mini)
 from cnnapps.tasks.multilabel.model import LOSSES, MultiLabelNet, balanced_pos_weight, multilabel_loss
@@ -132,6 +131,18 @@ def _augmentation(d: MultiLabelData) -> ImageAugment | None:
     return aug if d.augment and aug.active else None
 
 
+class CalibrateThresholds(Callback):
+    """After each validation pass, the per-class thresholds that maximise F1 on the validation images become the
+    model's (its ``thresholds`` buffer), so the checkpoint of every epoch carries the thresholds chosen with
+    its own weights, and the test pass, ``evaluate`` and ``predict`` of that checkpoint apply them."""
+
+    def on_validation_end(self, trainer: Any, row: dict[str, Any]) -> None:
+        calibrated = trainer.metric.calibrated
+        if trainer.is_rank0 and calibrated is not None:
+            net = unwrap(trainer.model)
+            net.thresholds.copy_(torch.as_tensor(calibrated, dtype=net.thresholds.dtype))
+
+
 class MultiLabelTask(Task):
     name = "multilabel"
     Config = MultiLabelConfig
@@ -158,7 +169,7 @@ class MultiLabelTask(Task):
             return MultiLabelImages(images, pos, targets[pos], ignore[pos], calib)
 
         if state:
-            new_state = dict(state)  # thresholds, mean/std and frequencies as the checkpoint saved them
+            new_state = dict(state)  # mean/std and frequencies as the checkpoint saved them
         else:
             t = torch.as_tensor(targets[train])
             m = 1.0 - torch.as_tensor(ignore[train])
@@ -167,19 +178,14 @@ class MultiLabelTask(Task):
                          "dataset": d.dataset, "label_freq": ((t * m).sum(0) / m.sum(0).clamp_min(1)).tolist(),
                          "pos_weight": balanced_pos_weight(t, m, cfg.model.pos_weight_max)
                          if cfg.model.pos_weight == "balanced" else None,
-                         "thresholds": None, "thresholds_from": f"default {DEFAULT_THRESHOLD}",
                          "split_sizes": {"train": len(train), "val": len(val), "test": len(test)}}
         if cfg.model.pos_weight not in ("none", "balanced"):
             raise ConfigError(f"model.pos_weight: unknown {cfg.model.pos_weight!r} (none, balanced)")
-        # Training: validation images choose the thresholds (calib). The test pass at the end of fit runs them
-        # again ahead of the test images, so the thresholds it applies come from the best weights themselves
-        # (its metrics score the test images only; its `loss` averages over both). A checkpoint being evaluated
-        # keeps the thresholds it saved (no calib rows).
-        calibrate = state is None and len(val) > 0
-        val_ds = subset(val, calib=calibrate) if len(val) else None
+        # Validation images choose the thresholds (calib): after each validation pass the CalibrateThresholds
+        # callback keeps them in the model, so every checkpoint (best.pt too) holds its own epoch's thresholds
+        # and the test pass and predict apply them.
+        val_ds = subset(val, calib=True) if len(val) else None
         test_ds = subset(test)
-        if calibrate:
-            test_ds = ConcatDataset([subset(val, calib=True), test_ds])
         log.info("multilabel %s: %d train, %d val, %d test images at %dpx", d.dataset, len(train), len(val),
                  len(test), size)
         return DataSplits(train=subset(train) if len(train) else None, val=val_ds, test=test_ds, state=new_state,
@@ -210,13 +216,14 @@ class MultiLabelTask(Task):
                                pos_weight=net.pos_weight if m.pos_weight == "balanced" else None,
                                focal_gamma=m.focal_gamma, focal_alpha=m.focal_alpha, asl_gamma_neg=m.asl_gamma_neg,
                                asl_gamma_pos=m.asl_gamma_pos, asl_clip=m.asl_clip)
-        return {"loss": loss, "output": logits}
+        # the model's thresholds go with its outputs, so a pass without validation images scores with them
+        return {"loss": loss, "output": {"logits": logits, "thresholds": net.thresholds}}
 
     def metrics(self, cfg: MultiLabelConfig, data: DataSplits) -> MultiLabelMetrics:
-        if cfg.train.ema_decay > 0:
-            log.warning("multilabel: with train.ema_decay the EMA validation pass runs last, so the saved "
-                        "thresholds are chosen on the EMA weights' outputs")
-        return MultiLabelMetrics(data.state["class_names"], data.state)
+        return MultiLabelMetrics(data.state["class_names"])
+
+    def callbacks(self, cfg: MultiLabelConfig) -> list[Callback]:
+        return [CalibrateThresholds()]
 
     def report(self, run_dir: Path, metric: MultiLabelMetrics, data: DataSplits) -> dict[str, str]:
         from cnnapps.tasks.multilabel.plots import plot_ap_per_class
@@ -226,7 +233,8 @@ class MultiLabelTask(Task):
         names = art["class_names"]
         (run_dir / "thresholds.json").write_text(json.dumps(
             {"thresholds": dict(zip(names, [round(float(t), 4) for t in art["thresholds"]])),
-             "from": data.state.get("thresholds_from", "")}, indent=2) + "\n")
+             "from": "the best F1 per class on the validation images, chosen with the evaluated weights"},
+            indent=2) + "\n")
         plot_ap_per_class(names, [values.get(f"ap_{n}", float("nan")) for n in names],
                           [values.get(f"f1_{n}", float("nan")) for n in names], values.get("mAP", float("nan")),
                           values.get("constant_predictor_mAP", float("nan")), run_dir / "ap_per_class.png")
@@ -242,9 +250,8 @@ class MultiLabelTask(Task):
         """One dict per image: every label whose probability reaches its saved threshold, highest first."""
         names = list(state["class_names"])
         size = int(state["image_size"])
-        saved = state.get("thresholds")
-        thresholds = np.asarray(saved if saved is not None else [DEFAULT_THRESHOLD] * len(names), dtype=float)
         net = unwrap(model)
+        thresholds = net.thresholds.cpu().numpy().astype(float)
         for path in inputs:
             try:
                 img = read_image(path)
