@@ -1,7 +1,8 @@
 """Prepare the ECG caches (CinC 2017, MIT-BIH) from the data folder, or first download them from PhysioNet.
 
 Usage:
-    python data_prep/ecg.py [--data-dir DIR] [--dataset cinc2017|mitdb|all] [--fs 200] [--lead NAME] [--force]
+    python data_prep/ecg.py [--data-dir DIR] [--dataset cinc2017|mitdb|all] [--fs 200] [--lead NAME | --leads A,B]
+                            [--force]
     python data_prep/ecg.py --download DEST [--mirror URL_OR_DIR] [--dataset ...]   # for machines with a network
 
 Local first: data already under the data folder (the archives of ../shared/data, or unpacked PhysioNet
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="all", choices=["cinc2017", "mitdb", "all"])
     parser.add_argument("--fs", type=int, default=200, help="model sampling rate (Hz)")
     parser.add_argument("--lead", default=None, help="signal name (default: first for CinC, MLII for MIT-BIH)")
+    parser.add_argument("--leads", default=None,
+                        help="several leads, comma-separated (e.g. MLII,V1), or 'all'; a record lacking one reads "
+                             "another ECG signal in its place (as data.leads with data.missing_lead = substitute)")
     parser.add_argument("--normalize", default="zscore", choices=["zscore", "robust", "none"])
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
     parser.add_argument("--download", type=Path, default=None, metavar="DEST",
@@ -151,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in datasets:
         lead = args.lead if args.lead is not None else ("MLII" if name == "mitdb" else "")
         t0 = time.perf_counter()
-        cache = prepare_source(dataset_source(root, name), PrepParams(fs=args.fs, lead=lead,
-                                                                       normalize=args.normalize), force=args.force)
+        leads = tuple(args.leads.split(",")) if args.leads else ()
+        params = PrepParams(fs=args.fs, lead="" if leads else lead, leads=leads,
+                            missing_lead="substitute" if leads else "skip", normalize=args.normalize)
+        cache = prepare_source(dataset_source(root, name), params, force=args.force)
         size = sum(p.stat().st_size for p in cache.path.iterdir())
-        summary[name] = {"cache": str(cache.path), "records": len(cache), "skipped": cache.skip_counts(),
+        summary[name] = {"cache": str(cache.path), "records": len(cache), "leads": cache.lead_names,
+                         "skipped": cache.skip_counts(),
                          "label_counts": cache.index["label_counts"], "prep_seconds": cache.index["prep_seconds"],
                          "seconds_now": round(time.perf_counter() - t0, 2), "megabytes": round(size / 2**20, 1)}
     print(json.dumps(summary, indent=2))

@@ -207,3 +207,44 @@ def test_a_missing_lead_is_a_skip_and_an_absent_folder_an_error(tmp_path, raw_di
     assert cache.has_annotations and len(cache.beats(0)) == 2273  # 2,274 annotations, one '+' rhythm mark
     with pytest.raises(DataNotFoundError, match="no WFDB records"):
         folder_source(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("leads", [("all",), ("ECG",)])
+def test_the_multi_lead_path_keeps_every_skip(broken_folder, leads):
+    cache = prepare_source(folder_source(broken_folder), PrepParams(leads=leads, missing_lead="substitute"))
+    assert cache.skipped == EXPECTED_SKIPS and sorted(cache.names) == ["gap", "good1", "good2"]
+    assert cache.n_leads == 1 and cache.lead_names == ["ECG"]
+
+
+def test_a_damaged_second_lead_skips_the_record_naming_the_lead(tmp_path):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    t = np.arange(6000) / 250
+    ecg = np.sin(2 * np.pi * 1.2 * t) + 0.2 * np.sin(2 * np.pi * 7 * t)
+
+    def two(name: str, second: np.ndarray, names: tuple[str, str] = ("II", "V1")) -> None:
+        wfdb.wrsamp(name, fs=250, units=["mV", "mV"], sig_name=list(names), p_signal=np.stack([ecg, second], 1),
+                    fmt=["16", "16"], write_dir=str(folder))
+
+    two("good", 0.5 * ecg)
+    two("flatv1", np.full(6000, 0.1))
+    gap = 0.5 * ecg
+    gap[100:1100] = np.nan  # 4 s
+    two("nanv1", gap)
+    two("nov1", 0.5 * ecg, ("II", "V2"))
+    two("cut", 0.5 * ecg)
+    with open(folder / "cut.dat", "r+b") as fh:
+        fh.truncate(1000)
+    two("tiny", 0.5 * ecg)
+    header = (folder / "tiny.hea").read_text().replace(" 6000", " 200", 1)  # the header shrinks the record...
+    (folder / "tiny.hea").write_text(header)
+    with open(folder / "tiny.dat", "r+b") as fh:  # ...and the file with it: 200 samples at 250 Hz < 256 at 200
+        fh.truncate(200 * 2 * 2)
+    cache = prepare_source(folder_source(folder), PrepParams(leads=("II", "V1"), missing_lead="skip"))
+    assert cache.names == ["good"] and cache.n_leads == 2
+    assert cache.skipped == {"flat_line": ["flatv1"], "nan_samples": ["nanv1"], "lead_not_found": ["nov1"],
+                             "truncated_signal": ["cut"], "too_short": ["tiny"]}
+    messages = cache.index["skip_messages"]
+    assert "lead V1" in messages["flatv1"] and "lead V1" in messages["nanv1"] and "'V1'" in messages["nov1"]
+    substituted = prepare_source(folder_source(folder), PrepParams(leads=("II", "V1"), missing_lead="substitute"))
+    assert sorted(substituted.names) == ["good", "nov1"] and substituted.records[1].substituted == {"V1": "V2"}

@@ -178,8 +178,8 @@ class Augment:
 
 def _item(cache: PreparedCache, labeler: Labeler, record: int, start: int, n_real: int, total: int,
           step: int, augment: Augment | None) -> dict:
-    x = torch.zeros(1, total, dtype=torch.float32)
-    real = torch.from_numpy(np.array(cache.signal(record)[start:start + n_real], dtype=np.float32))[None]
+    x = torch.zeros(cache.n_leads, total, dtype=torch.float32)
+    real = torch.from_numpy(np.array(cache.signals(record)[start:start + n_real].T, dtype=np.float32))
     if augment is not None and augment.active:
         real = augment(real)
     x[:, :n_real] = real
@@ -193,7 +193,7 @@ class TrainWindows(Dataset):
     Each record is cut into ceil(length / window) tiles, one item each, so an epoch sees about every sample once.
     With ``time_shift`` an item's start moves by U(-window/2, window/2) (clipped to the record); a record no
     longer than the window starts at a random sample below one step instead. Records shorter than the window are
-    zero-padded and their padded steps labelled -100. ``x``: (1, window), ``y``: (window // step,).
+    zero-padded and their padded steps labelled -100. ``x``: (leads, window), ``y``: (window // step,).
     """
 
     def __init__(self, cache: PreparedCache, records: Sequence[int], labeler: Labeler, window: int,

@@ -3,12 +3,17 @@
 Preparation runs once per (source, parameters) pair; every later run, and every training epoch, reads only the
 memmap. What a cache folder ``<cache>/ecg/prepared/<dataset>-<key>/`` holds:
 
-- ``signal.f32``: all kept records, resampled to ``fs``, one lead, normalised, concatenated (float32, 1-D).
+- ``signal.f32``: all kept records, resampled to ``fs``, normalised per lead, concatenated: float32 of shape
+  (total samples, leads), time-major (a one-lead cache is the same bytes as a 1-D array). Which leads: the
+  preparation's ``leads`` (names matched through the alias table of ``cnnapps.tasks.ecg.leads``), else the one
+  ``lead``, else each record's first ECG signal; signals that are not ECG (PPG, respiration, pressures) are
+  never read.
 - ``rhythm.u8`` (only where ``.atr`` annotations exist): per sample, the rhythm in force, as an index into the
   index's ``rhythm_names``; 255 before a record's first rhythm annotation (no label).
 - ``beats.npy`` (same condition): int32 array (n_beats, 2) of [R-peak sample relative to its record at ``fs``,
   AAMI class index into ``BEAT_CLASSES``].
-- ``index.json``: per record name, offset, length, label, original fs and length, lead, beat slice; label counts;
+- ``index.json``: per record name, offset, length, label, original fs and length, the leads read (and any lead
+  read in place of a missing one), beat slice; the cache's lead names (``leads``, ``n_leads``); label counts;
   the skipped records by reason (``skipped: {reason: [names]}``) with a message each; the source fingerprint and
   the preparation parameters, hashed into ``key``, so a changed source or parameter gives a new cache.
 
@@ -40,10 +45,13 @@ from scipy.signal import resample_poly
 from tqdm.auto import tqdm
 
 from cnnapps.data.root import DataNotFoundError, cache_dir
+from cnnapps.tasks.ecg.leads import ALL, LeadChoice, LeadError, choose_leads, parse_leads
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = 1
+# 2: multi-lead caches (signal.f32 is (samples, leads), the index names the leads); a new version gives new keys,
+# so a cache of the one-lead layout is never opened as a multi-lead one or the other way round.
+PREP_VERSION = 2
 STEP = 256  # samples per output label of the Hannun et al. network (its total stride)
 CINC_CLASSES = ("N", "A", "O", "~")
 BEAT_CLASSES = ("N", "S", "V", "F", "Q")
@@ -67,9 +75,10 @@ SKIP_REASONS = {
     "truncated_signal": "the signal file holds fewer bytes than the header's sample count implies",
     "header_length_mismatch": "the signal file holds more bytes than the header's sample count implies",
     "unreadable_signal": "wfdb could not read the samples",
-    "lead_not_found": "the requested lead name is not among the record's signals",
+    "lead_not_found": "a requested lead is not among the record's ECG signals (and none may stand in for it)",
+    "no_ecg_signal": "the record holds no ECG signal (only PPG, respiration, pressure, ... by name and units)",
     "nan_samples": "a run of NaN samples longer than max_nan_gap_s (shorter runs are interpolated linearly)",
-    "flat_line": "the chosen lead is (almost) constant: no ECG to learn from",
+    "flat_line": "a chosen lead is (almost) constant: no ECG to learn from",
     "too_short": "fewer than one 256-sample step after resampling",
     "unknown_label": "REFERENCE.csv gives a label outside N, A, O, ~",
     "no_label": "the record has no line in REFERENCE.csv",
@@ -97,7 +106,9 @@ class PrepParams:
     """Everything that changes the prepared samples; hashed into the cache key."""
 
     fs: int = 200  # model sampling rate (Hz), 200 as in Hannun et al. 2019
-    lead: str = ""  # signal name to keep (e.g. "MLII"); "" keeps the first signal
+    lead: str = ""  # one lead to keep (e.g. "MLII"; a record without it is skipped); "": the first ECG signal
+    leads: tuple[str, ...] = ()  # several leads (or ("all",)); when set, ``lead`` is cleared
+    missing_lead: str = "skip"  # with ``leads``: skip a record lacking one, or "substitute" another ECG signal
     normalize: str = "zscore"  # zscore | robust | none (per record)
     min_std: float = 0.01  # floor of the divisor (physical units, mV): near-flat records are not blown up to noise
     flat_fraction: float = 0.95  # a record with this share of samples equal to their predecessor is a flat line
@@ -109,6 +120,19 @@ class PrepParams:
             raise ValueError(f"fs must be positive, got {self.fs}")
         if self.normalize not in ("zscore", "robust", "none"):
             raise ValueError(f"normalize must be zscore, robust or none, got {self.normalize!r}")
+        if self.missing_lead not in ("skip", "substitute"):
+            raise ValueError(f"missing_lead must be skip or substitute, got {self.missing_lead!r}")
+        object.__setattr__(self, "leads", tuple(parse_leads(list(self.leads))))
+        # fields that do not apply are cleared, so equal preparations have equal cache keys
+        if self.leads:
+            object.__setattr__(self, "lead", "")
+        else:  # one lead is always strict
+            object.__setattr__(self, "missing_lead", "skip")
+
+    @property
+    def wanted(self) -> list[str]:
+        """The leads asked for: ``leads``, else ``[lead]``, else ``[]`` (each record's first ECG signal)."""
+        return list(self.leads) if self.leads else ([self.lead] if self.lead else [])
 
 
 # ---------------------------------------------------------------- hashing and archives
@@ -240,24 +264,25 @@ def _signal_files_check(header: Any, record_path: Path) -> None:
 
 
 def choose_lead(sig_names: list[str], lead: str, where: str) -> int:
-    """Index of signal ``lead`` (case-insensitive) in ``sig_names``; "" picks the first. RecordSkip if absent."""
-    if not lead:
-        return 0
-    wanted = lead.strip().lower()
-    for i, name in enumerate(sig_names):
-        if str(name).strip().lower() == wanted:
-            return i
-    raise RecordSkip("lead_not_found", f"{where}: no lead {lead!r} (signals: {', '.join(map(str, sig_names))})")
+    """Index of signal ``lead`` in ``sig_names`` (same name, case-insensitive, or an alias: MLII ~ II, see
+    ``cnnapps.tasks.ecg.leads``); "" picks the first ECG signal. RecordSkip if absent."""
+    try:
+        return choose_leads(sig_names, None, [lead] if lead else [], where).indices[0]
+    except LeadError as exc:
+        raise RecordSkip(exc.reason, str(exc)) from exc
 
 
-def read_lead(record_path: Path, lead: str = "") -> tuple[np.ndarray, float, str]:
-    """Read one lead of a WFDB record in physical units: (samples (time,) float64, fs, lead name).
-
-    Raises RecordSkip with the reason when the header, the signal file or the lead is unusable.
-    """
+def _record_path(record_path: Path | str) -> Path:
     record_path = Path(record_path)
     if record_path.suffix in (".hea", ".dat", ".mat", ".atr"):
         record_path = record_path.with_suffix("")
+    return record_path
+
+
+def read_header(record_path: Path | str) -> Any:
+    """The parsed ``.hea`` header of a record (``wfdb.Record`` without samples). RecordSkip (missing_record,
+    unreadable_header) when it is absent, does not parse or has no signals."""
+    record_path = _record_path(record_path)
     if not record_path.with_suffix(".hea").is_file():
         raise RecordSkip("missing_record", f"{record_path}.hea does not exist")
     try:
@@ -266,16 +291,44 @@ def read_lead(record_path: Path, lead: str = "") -> tuple[np.ndarray, float, str
         raise RecordSkip("unreadable_header", f"{record_path}.hea: {type(exc).__name__}: {exc}") from exc
     if not header.n_sig or not header.sig_len:
         raise RecordSkip("unreadable_header", f"{record_path}.hea: no signals or no sample count")
-    idx = choose_lead(list(header.sig_name), lead, f"{record_path}.hea")
+    return header
+
+
+def read_leads(record_path: Path | str, leads: list[str] | tuple[str, ...] = (), substitute: bool = False
+               ) -> tuple[np.ndarray, float, LeadChoice]:
+    """Read the ECG leads ``leads`` of a WFDB record in physical units: (samples (time, leads) float64, fs,
+    LeadChoice with the names read and any lead read in place of a missing one).
+
+    ``leads``: names matched through the alias table (``cnnapps.tasks.ecg.leads``); ``[]``: the first ECG
+    signal; ``["all"]``: every ECG signal. Signals that are not ECG are never read. Raises RecordSkip with the
+    reason when the header, the signal file or the leads are unusable (``no_ecg_signal``, ``lead_not_found``).
+    """
+    record_path = _record_path(record_path)
+    header = read_header(record_path)
+    try:
+        choice = choose_leads(list(header.sig_name), list(header.units or []), list(leads),
+                              f"{record_path}.hea", substitute=substitute)
+    except LeadError as exc:
+        raise RecordSkip(exc.reason, str(exc)) from exc
     _signal_files_check(header, record_path)
     try:
-        rec = wfdb.rdrecord(str(record_path), channels=[idx], physical=True)
+        rec = wfdb.rdrecord(str(record_path), channels=choice.indices, physical=True)
     except FileNotFoundError as exc:
         raise RecordSkip("missing_signal_file", f"{record_path}: {exc}") from exc
     except Exception as exc:
         raise RecordSkip("unreadable_signal", f"{record_path}: {type(exc).__name__}: {exc}") from exc
-    x = np.asarray(rec.p_signal[:, 0], dtype=np.float64)
-    return x, float(rec.fs), str(rec.sig_name[0])
+    x = np.asarray(rec.p_signal, dtype=np.float64).reshape(-1, len(choice.indices))
+    return x, float(rec.fs), choice
+
+
+def read_lead(record_path: Path, lead: str = "") -> tuple[np.ndarray, float, str]:
+    """Read one lead of a WFDB record in physical units: (samples (time,) float64, fs, lead name).
+
+    ``lead``: a name (aliases match: MLII ~ II); "": the first ECG signal. Raises RecordSkip with the reason
+    when the header, the signal file or the lead is unusable.
+    """
+    x, fs, choice = read_leads(record_path, [lead] if lead else [])
+    return x[:, 0], fs, choice.names[0]
 
 
 def fill_nan_gaps(x: np.ndarray, max_gap: int, where: str) -> tuple[np.ndarray, int]:
@@ -339,6 +392,25 @@ def prepare_signal(x: np.ndarray, fs_in: float, params: PrepParams, where: str) 
         raise RecordSkip("too_short", f"{where}: {len(y)} samples at {params.fs} Hz, fewer than one "
                          f"{params.step}-sample step")
     return normalise(y, params.normalize, params.min_std).astype(np.float32), n_nan
+
+
+def prepare_signals(x: np.ndarray, fs_in: float, params: PrepParams, where: str,
+                    names: list[str] | None = None) -> tuple[np.ndarray, int]:
+    """``prepare_signal`` for each lead of ``x`` (time, leads): (float32 (time', leads), NaNs filled in all).
+
+    A lead with a long NaN run, a flat lead or too short a record raises RecordSkip naming the lead (when there
+    are several).
+    """
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[:, None]
+    out, filled = [], 0
+    for k in range(x.shape[1]):
+        label = where if x.shape[1] == 1 else f"{where} lead {names[k] if names else k}"
+        y, n = prepare_signal(x[:, k], fs_in, params, label)
+        out.append(y)
+        filled += n
+    return (out[0][:, None] if len(out) == 1 else np.stack(out, axis=1)), filled
 
 
 def clean_rhythm(aux: str) -> str:
@@ -478,7 +550,9 @@ def dataset_source(data_root: Path, dataset: str) -> Source:
 
 @dataclass
 class RecordInfo:
-    """One record of a prepared cache (offsets and lengths in samples at the cache's ``fs``)."""
+    """One record of a prepared cache (offsets and lengths in samples at the cache's ``fs``). ``lead``: the first
+    signal read; ``leads``: every signal read, in the cache's lead order; ``substituted``: {wanted lead: signal
+    read in its place} where the record lacked a wanted lead."""
 
     name: str
     offset: int
@@ -490,12 +564,16 @@ class RecordInfo:
     beat_offset: int = 0
     beat_count: int = 0
     nan_filled: int = 0
+    leads: list[str] = field(default_factory=list)
+    substituted: dict[str, str] = field(default_factory=dict)
 
 
 class PreparedCache:
     """Read side of a prepared cache: the index plus lazily opened memmaps (safe to pickle into workers).
 
-    ``signal(i)`` -> float32 (length,), ``rhythm(i)`` -> uint8 (length,), ``beats(i)`` -> int32 (n, 2).
+    ``signals(i)`` -> float32 (length, n_leads) (a view of the memmap); ``signal(i, lead=0)`` -> float32 (length,)
+    of one lead; ``rhythm(i)`` -> uint8 (length,), ``beats(i)`` -> int32 (n, 2). ``lead_names``: the leads, in
+    channel order (the names asked for; with ``all``, those of the first record read).
     """
 
     def __init__(self, path: Path) -> None:
@@ -509,6 +587,8 @@ class PreparedCache:
         self.fs: int = int(self.index["params"]["fs"])
         self.rhythm_names: list[str] = list(self.index.get("rhythm_names", []))
         self.has_annotations: bool = bool(self.index.get("has_annotations"))
+        self.n_leads: int = int(self.index.get("n_leads", 1))
+        self.lead_names: list[str] = list(self.index.get("leads", []))
         self._signal: np.ndarray | None = None
         self._rhythm: np.ndarray | None = None
         self._beats: np.ndarray | None = None
@@ -524,17 +604,23 @@ class PreparedCache:
     def names(self) -> list[str]:
         return [r.name for r in self.records]
 
-    def _memmap(self, fname: str, dtype: Any) -> np.ndarray:
+    def _memmap(self, fname: str, dtype: Any, width: int = 0) -> np.ndarray:
         total = int(self.index["n_samples"])
+        shape = (total, width) if width else (total,)
         if total == 0:
-            return np.zeros(0, dtype=dtype)
-        return np.memmap(self.path / fname, dtype=dtype, mode="r", shape=(total,))
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(self.path / fname, dtype=dtype, mode="r", shape=shape)
 
-    def signal(self, i: int) -> np.ndarray:
+    def signals(self, i: int) -> np.ndarray:
+        """Every lead of record ``i``: float32 (length, n_leads), a read-only view of the memmap."""
         if self._signal is None:
-            self._signal = self._memmap("signal.f32", np.float32)
+            self._signal = self._memmap("signal.f32", np.float32, self.n_leads)
         r = self.records[i]
         return self._signal[r.offset:r.offset + r.length]
+
+    def signal(self, i: int, lead: int = 0) -> np.ndarray:
+        """One lead of record ``i``: float32 (length,) (strided when the cache holds several leads)."""
+        return self.signals(i)[:, lead]
 
     def rhythm(self, i: int) -> np.ndarray:
         if not self.has_annotations:
@@ -586,6 +672,7 @@ class _Writer:
         self._rhy = open(self.folder / "rhythm.u8", "wb") if self.annotations else None
 
     def add(self, info: RecordInfo, x: np.ndarray, rhythm: np.ndarray | None, beats: np.ndarray | None) -> None:
+        """``x``: (length, leads), written time-major."""
         self._sig.write(np.ascontiguousarray(x, dtype="<f4").tobytes())
         if self._rhy is not None:
             self._rhy.write(np.ascontiguousarray(rhythm, dtype=np.uint8).tobytes())
@@ -649,6 +736,10 @@ def _build(source: Source, params: PrepParams, annotations: bool, tmp: Path, key
     skipped: dict[str, list[str]] = {}
     messages: dict[str, str] = {}
     vocab: dict[str, int] = {}
+    # "all" becomes the ECG leads of the first record read, so every record gives the same channels
+    wanted: list[str] | None = None if params.leads == (ALL,) else params.wanted
+    substitute = bool(params.leads) and params.missing_lead == "substitute"
+    substitutions: dict[str, dict[str, str]] = {}
     writer = _Writer(tmp, annotations)
     with _progress(len(names), f"preparing {source.dataset}") as bar:
         for name in names:
@@ -662,12 +753,20 @@ def _build(source: Source, params: PrepParams, annotations: bool, tmp: Path, key
                         raise RecordSkip("unknown_label", f"{source.reference}: record {name} has label "
                                          f"{label!r}, not one of {', '.join(CINC_CLASSES)}")
                 path = source.record_dir / name
-                raw, fs_in, lead = read_lead(path, params.lead)
-                x, n_nan = prepare_signal(raw, fs_in, params, str(path))
+                raw, fs_in, choice = read_leads(path, [ALL] if wanted is None else wanted, substitute)
+                x, n_nan = prepare_signals(raw, fs_in, params, str(path), choice.names)
                 rhythm = beats = None
                 if annotations:
                     rhythm, beats = read_annotations(path, fs_in, params.fs, len(x), vocab)
-                writer.add(RecordInfo(name, 0, len(x), label, fs_in, len(raw), lead, nan_filled=n_nan),
+                if wanted is None:
+                    wanted = list(choice.names)
+                    log.info("leads = all: %d ECG leads of %s (%s)", len(wanted), name, ", ".join(wanted))
+                if choice.substituted:
+                    substitutions[name] = dict(choice.substituted)
+                    log.warning("%s has no lead %s; read %s in its place", path,
+                                ", ".join(choice.substituted), ", ".join(choice.substituted.values()))
+                writer.add(RecordInfo(name, 0, len(x), label, fs_in, len(raw), choice.names[0], nan_filled=n_nan,
+                                      leads=list(choice.names), substituted=dict(choice.substituted)),
                            x, rhythm, beats)
             except RecordSkip as skip:
                 skipped.setdefault(skip.reason, []).append(name)
@@ -686,6 +785,7 @@ def _build(source: Source, params: PrepParams, annotations: bool, tmp: Path, key
         "version": PREP_VERSION, "key": key, "dataset": source.dataset, "source": source.fingerprint,
         "record_dir": str(source.record_dir), "reference": str(source.reference) if source.reference else None,
         "params": dataclasses.asdict(params), "has_annotations": annotations, "n_samples": writer.n_samples,
+        "n_leads": len(wanted) if wanted else 1, "leads": list(wanted or []), "lead_substitutions": substitutions,
         "n_beats": writer.n_beats, "dtype": "float32", "label_counts": counts, "skipped": skipped,
         "skip_messages": messages, "rhythm_names": sorted(vocab, key=vocab.get), "beat_classes": list(BEAT_CLASSES),
         "prep_seconds": round(seconds, 2), "records": writer.records,

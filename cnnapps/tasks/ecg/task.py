@@ -14,16 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnapps.engine.config import ConfigError, TrainConfig
+from cnnapps.engine.config import ConfigError, TrainConfig, option
 from cnnapps.engine.task import DataSplits, Task, TaskConfig, unwrap
 from cnnapps.tasks.ecg.data import (DEFAULT_RHYTHM_CLASSES, IGNORE, Augment, BeatLabeler, EvalWindows, Labeler,
                                     RecordLabeler, RhythmLabeler, TrainWindows, class_weights, collate_windows,
                                     merge_segments, n_valid_steps, record_labels_for_cinc, records_by_name,
                                     rhythm_class_lookup, step_class_counts, stratified_split, tile_sample_weights)
+from cnnapps.tasks.ecg.leads import ALL, parse_leads, same_lead
 from cnnapps.tasks.ecg.metrics import ECGMetrics
 from cnnapps.tasks.ecg.prepare import (BEAT_CLASSES, CINC_CLASSES, MITDB_DS1, MITDB_DS2, STEP, PrepParams,
                                        PreparedCache, RecordSkip, choose_lead, dataset_source, folder_source,
-                                       prepare_signal, prepare_source)
+                                       prepare_source)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,15 @@ class ECGDataConfig:
     target: str = "record"  # record (CinC label broadcast per step) | rhythm | beats (MIT-BIH)
     fs: int = 200  # model sampling rate (Hz), as in Hannun et al.
     lead: str = ""  # signal name to use (e.g. "MLII"); "": each record's first signal
+    leads: list[str] = option(
+        help="several leads, e.g. [\"MLII\", \"V1\"], or \"all\" (every ECG lead of the first record): in_chans "
+        "follows; names match through the alias table of cnnapps.tasks.ecg.leads (MLII ~ II, D2 ~ II, MV1 ~ V1, "
+        "...); signals that are not ECG (PLETH, RESP, ABP, ...) are never read; []: the one data.lead",
+        default_factory=list)
+    missing_lead: str = option(
+        "substitute", help="with data.leads, a record lacking a wanted lead: read another ECG signal of it in its "
+        "place (a warning names the record and the lead used; data_summary.json counts them) or skip it "
+        "(lead_not_found)", choices=("substitute", "skip"))
     normalize: str = "zscore"  # per record: zscore | robust | none
     window: int = 6144  # training crop in samples, a multiple of 256 (6144 = 30.7 s: a typical CinC record whole)
     eval_window: int = 0  # evaluation tiles in samples (multiple of 256); 0: whole records
@@ -141,13 +151,36 @@ def _settings(cfg: ECGConfig, state: dict | None) -> dict[str, Any]:
         if value < 0 or value % STEP or (key == "window" and value == 0):
             raise ConfigError(f"data.{key} must be a {'positive ' if key == 'window' else ''}multiple of {STEP} "
                               f"samples{' (or 0: whole records)' if key == 'eval_window' else ''}, got {value}")
+    leads = _config_leads(d)
     return {"dataset": d.dataset, "target": d.target, "fs": d.fs, "lead": d.lead, "normalize": d.normalize,
             "step": STEP, "classes": _classes(d.target, d), "window": d.window, "eval_window": d.eval_window,
-            "rhythm_aliases": list(d.rhythm_aliases), "other_class": d.other_class, "in_chans": 1}
+            "rhythm_aliases": list(d.rhythm_aliases), "other_class": d.other_class,
+            "leads": leads, "missing_lead": d.missing_lead,
+            # "all" is known only once the cache is prepared (build_data sets it then)
+            "in_chans": 0 if leads == [ALL] else max(1, len(leads))}
+
+
+def _config_leads(d: ECGDataConfig) -> list[str]:
+    """``data.leads`` checked: names, or ``["all"]``, or ``[]`` (the one ``data.lead``)."""
+    try:
+        leads = parse_leads(d.leads)
+    except ValueError as exc:
+        raise ConfigError(f"data.{exc}") from exc
+    if leads and d.lead and not same_lead(d.lead, leads[0]):
+        raise ConfigError(f"data.lead = {d.lead!r} and data.leads = {leads}: give one of them (data.leads wins "
+                          f"only when its first lead is data.lead)")
+    return leads
 
 
 def _params(s: dict) -> PrepParams:
-    return PrepParams(fs=int(s["fs"]), lead=str(s["lead"]), normalize=str(s["normalize"]), step=int(s["step"]))
+    return PrepParams(fs=int(s["fs"]), lead=str(s["lead"]), normalize=str(s["normalize"]), step=int(s["step"]),
+                      leads=tuple(s.get("leads") or ()), missing_lead=str(s.get("missing_lead", "skip")))
+
+
+def _model_leads(s: dict) -> list[str]:
+    """The leads a model of state ``s`` reads, by name, in channel order ([] : each record's first ECG signal)."""
+    names = s.get("lead_names") or [n for n in (s.get("leads") or []) if n != ALL]
+    return list(names) if names else ([s["lead"]] if s.get("lead") else [])
 
 
 def _labeler(s: dict, cache: PreparedCache) -> Labeler:
@@ -163,6 +196,32 @@ def _labeler(s: dict, cache: PreparedCache) -> Labeler:
     lookup = rhythm_class_lookup(cache.rhythm_names, s["classes"], s.get("rhythm_aliases", ()),
                                  s.get("other_class", "OTHER"))
     return RhythmLabeler(cache, lookup, step)
+
+
+def leads_read(cache: PreparedCache) -> dict[str, Any]:
+    """What the cache's records gave: {"leads": the channels, "records_by_leads": {"MLII+V1": n, ...},
+    "substituted": {record: {wanted: read}}} (for the log and data_summary.json)."""
+    combos: dict[str, int] = {}
+    for r in cache.records:
+        key = "+".join(r.leads or [r.lead])
+        combos[key] = combos.get(key, 0) + 1
+    return {"leads": list(cache.lead_names) or ["first ECG signal of each record"],
+            "records_by_leads": dict(sorted(combos.items(), key=lambda kv: -kv[1])),
+            "substituted": dict(cache.index.get("lead_substitutions", {}))}
+
+
+def _note_leads(s: dict, cache: PreparedCache, from_checkpoint: bool) -> None:
+    """Put the cache's channels into the state (``in_chans``, ``lead_names``) and log which leads were read."""
+    if from_checkpoint and int(s.get("in_chans") or cache.n_leads) != cache.n_leads:
+        raise ConfigError(f"{cache.path}: the cache holds {cache.n_leads} lead(s), the checkpoint's model reads "
+                          f"{s['in_chans']}")
+    s["in_chans"] = cache.n_leads
+    if cache.lead_names:
+        s["lead_names"] = list(cache.lead_names)
+    info = leads_read(cache)
+    log.info("ECG leads %s; records by leads read: %s%s", ", ".join(info["leads"]), info["records_by_leads"],
+             f"; {len(info['substituted'])} record(s) read another lead in place of a missing one"
+             if info["substituted"] else "")
 
 
 def _cache_for(s: dict, data_root: Path, split: str | None) -> PreparedCache:
@@ -185,10 +244,12 @@ class ECGTask(Task):
     def build_data(self, cfg: ECGConfig, data_root: Path, state: dict | None = None,
                    split: str | None = None) -> DataSplits:
         """Train/val/test windows over the prepared cache (``split='all'``: every record of ``data_root`` in
-        ``test``). Items: x (1, time), y (time // 256,), record, offset, length; see ``cnnapps.tasks.ecg.data``."""
+        ``test``). Items: x (leads, time), y (time // 256,), record, offset, length; see
+        ``cnnapps.tasks.ecg.data``."""
         d = cfg.data
         s = _settings(cfg, state)
         cache = _cache_for(s, data_root, split)
+        _note_leads(s, cache, state is not None)
         labeler = _labeler(s, cache)
         classes = list(s["classes"])
         step, window, eval_window = int(s["step"]), int(s["window"]), int(s["eval_window"])
@@ -295,10 +356,12 @@ class ECGTask(Task):
 
         run_dir = Path(run_dir)
         out = plot_confusion_matrices(metric.artifacts(), run_dir, data.state["target"])
+        any_split = next((ds for ds in (data.test, data.val, data.train) if ds is not None), None)
         # what the numbers rest on: records per split and the preparation's skips by reason
         summary = {"records": {k: int(len(ds.records)) for k, ds in
                                (("train", data.train), ("val", data.val), ("test", data.test)) if ds is not None},
                    "skipped_at_preparation": dict(data.skipped),
+                   "leads_read": leads_read(any_split.cache) if any_split is not None else None,
                    "train_step_counts": data.state.get("train_step_counts"),
                    "class_weights": data.state.get("class_weights")}
         (run_dir / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -322,7 +385,7 @@ class ECGTask(Task):
                 **kw: Any) -> Iterator[dict]:
         """One dict per WFDB record path (any sampling rate and lead count): record, fs, duration_s, label,
         probabilities (mean over the record), segments [{start_s, end_s, rhythm}] of equal consecutive steps."""
-        from cnnapps.tasks.ecg.prepare import read_lead
+        from cnnapps.tasks.ecg.prepare import prepare_signals, read_leads
 
         classes, step, fs = list(state["classes"]), int(state["step"]), int(state["fs"])
         params = _params(state)
@@ -331,11 +394,20 @@ class ECGTask(Task):
         for path in inputs:
             record = str(Path(path).with_suffix("")) if Path(path).suffix in (".hea", ".dat", ".mat") else path
             try:
-                wanted = lead if lead else _lead_in_record(record, state.get("lead", ""))
-                raw, fs_in, lead_name = read_lead(Path(record), wanted)
-                x, _ = prepare_signal(raw, fs_in, params, record)
-            except RecordSkip as exc:
-                yield {"record": path, "error": f"{exc.reason}: {exc}"}
+                wanted = parse_leads(lead) if lead else _model_leads(state)
+                if wanted and len(wanted) != max(1, int(state.get("in_chans", 1))):
+                    raise RecordSkip("lead_not_found", f"--lead {lead}: the model reads {state.get('in_chans')} "
+                                     f"lead(s) ({', '.join(_model_leads(state))})")
+                # the training leads stand in for themselves where a record has them; a lead named on the
+                # command line must be there
+                raw, fs_in, choice = read_leads(Path(record), wanted, substitute=not lead)
+                if choice.substituted:
+                    log.warning("%s has no lead %s; read %s in its place", record, ", ".join(choice.substituted),
+                                ", ".join(choice.substituted.values()))
+                lead_name = choice.names[0]
+                x, _ = prepare_signals(raw, fs_in, params, record, choice.names)
+            except (RecordSkip, ValueError) as exc:  # ValueError: a --lead list that repeats a lead
+                yield {"record": path, "error": f"{getattr(exc, 'reason', 'bad_lead')}: {exc}"}
                 continue
             probs = _predict_steps(model, x, chunk, step, device)
             valid = n_valid_steps(len(x), step)
@@ -344,7 +416,8 @@ class ECGTask(Task):
             duration = len(raw) / fs_in
             steps = probs.argmax(1)
             row: dict[str, Any] = {
-                "record": path, "fs": fs_in, "lead": lead_name, "duration_s": round(duration, 3),
+                "record": path, "fs": fs_in, "lead": lead_name, "leads": list(choice.names),
+                "duration_s": round(duration, 3),
                 "label": classes[int(mean.argmax())],
                 "probabilities": {c: round(float(p), 4) for c, p in zip(classes, mean)},
                 "segments": [{"start_s": round(a, 3), "end_s": round(min(b, duration), 3), "rhythm": classes[c]}
@@ -355,7 +428,7 @@ class ECGTask(Task):
 
                 folder = Path(out_dir or ".")
                 folder.mkdir(parents=True, exist_ok=True)
-                png = plot_ecg_strip(x, fs, steps, classes, folder / f"{Path(record).name}.png", step=step,
+                png = plot_ecg_strip(x[:, 0], fs, steps, classes, folder / f"{Path(record).name}.png", step=step,
                                      title=f"{Path(record).name} ({lead_name}): {row['label']}")
                 row["plot"] = str(png)
             yield row
@@ -391,20 +464,22 @@ def _lead_in_record(record: str, lead: str) -> str:
         choose_lead(names, lead, record)
         return lead
     except RecordSkip:
-        log.info("%s has no lead %s; using its first signal", record, lead)
+        log.warning("%s has no lead %s; using its first ECG signal", record, lead)
         return ""
     except Exception:  # unreadable header: read_lead reports it with the reason
         return lead
 
 
 def _predict_steps(model: nn.Module, x: np.ndarray, chunk: int, step: int, device: torch.device) -> np.ndarray:
-    """Softmax per step of a whole prepared signal (time,), in chunks of ``chunk`` samples: (steps, classes)."""
+    """Softmax per step of a whole prepared signal (time,) or (time, leads), in chunks of ``chunk`` samples:
+    (steps, classes)."""
+    x = x[:, None] if x.ndim == 1 else x
     out = []
     with torch.inference_mode():
         for start in range(0, len(x), chunk):
             piece = x[start:start + chunk]
-            padded = np.zeros(-(-len(piece) // step) * step, dtype=np.float32)
-            padded[:len(piece)] = piece
-            logits = model(torch.from_numpy(padded)[None, None].to(device))
+            padded = np.zeros((x.shape[1], -(-len(piece) // step) * step), dtype=np.float32)
+            padded[:, :len(piece)] = piece.T
+            logits = model(torch.from_numpy(padded)[None].to(device))
             out.append(torch.softmax(logits.float(), 1)[0].T.cpu().numpy())
     return np.concatenate(out)
