@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from cnnapps._version import __version__
+
 __all__ = ["Callback", "create_backbone", "evaluate", "list_backbones", "list_tasks", "load_model", "train"]
-__version__ = "0.2.0"
 
 # Imported on first use, so that `import cnnapps.engine` does not build the whole model zoo.
 _HOMES = {"create_backbone": "cnnapps.backbones", "list_backbones": "cnnapps.backbones",

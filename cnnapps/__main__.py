@@ -233,7 +233,7 @@ def add_understand_parsers(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cnnapps`` parser for the commands that are not a task's; every subcommand sets ``func``."""
-    from cnnapps import __version__
+    from cnnapps._version import __version__
     from cnnapps.tasks import list_tasks
 
     parser = argparse.ArgumentParser(
