@@ -90,4 +90,18 @@ def test_gpu_check_dry_run_without_cuda():
     assert "no CUDA device here: a dry run only" in out and "Traceback" not in proc.stderr
     for task in ("classify", "ecg", "audio", "detect", "multilabel", "segment"):
         assert f"ok: {task} ci on CUDA" in out
-    assert "the hannun model builds" in out and "torchrun" in out
+    assert "ok: ecg hannun (train.epochs=1)" in out and "torchrun" in out
+
+
+def test_engine_bench_times_the_three_loops_on_the_same_steps(tmp_path, data_root):
+    from cnnapps.bench.engine import cases, lightning_version, run_engine_bench
+
+    assert [(c.task, c.config) for c in cases()] == [("classify", "ci"), ("ecg", "default")]
+    md = run_engine_bench(data_root, tmp_path, quick=True)
+    record = json.loads((tmp_path / "speed.json").read_text())["sections"]["engine"]
+    row = record["cases"][0]
+    assert row["timed_steps"] == 5 and row["ours_steps_per_s"] > 0 and row["bare_steps_per_s"] > 0
+    assert row["ours_vs_bare"] == round(row["ours_steps_per_s"] / row["bare_steps_per_s"], 3) or \
+        abs(row["ours_vs_bare"] - row["ours_steps_per_s"] / row["bare_steps_per_s"]) < 0.01
+    assert ("lightning_steps_per_s" in row) == bool(lightning_version())
+    assert "our Trainer against a bare loop and Lightning" in md.read_text()

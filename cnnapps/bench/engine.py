@@ -26,23 +26,31 @@ from cnnapps.engine.runinfo import run_facts
 from cnnapps.engine.seeding import seed_everything
 from cnnapps.engine.task import Task
 from cnnapps.engine.trainer import fit
-from cnnapps.tasks import get_task
+from cnnapps.tasks import get_task, list_tasks
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Case:
-    """One model and data set to time: a task, a shipped config and overrides."""
+    """One model and data set to time: a task and a shipped config (the task's ``engine_bench_config``)."""
 
-    name: str
     task: str
     config: str
-    overrides: tuple[str, ...] = ()
 
 
-CASES = (Case("MNIST LeNet-5", "classify", "ci"), Case("ECG default model", "ecg", "default"))
+def cases() -> list[Case]:
+    """Every installed task that names a config for the engine benchmark."""
+    found = []
+    for name in list_tasks():
+        config = get_task(name).engine_bench_config
+        if config:
+            found.append(Case(name, config))
+    return found
+
+
 LOOPS = ("ours", "bare", "lightning")
+WINDOW_SECONDS = 10.0  # the timed window of one run aims at about this long
 
 
 class _Done(Exception):
@@ -151,17 +159,32 @@ def lightning_version() -> str | None:
         return None
 
 
-def bench_case(case: Case, data_root: Path, warmup: int, steps: int, rounds: int,
+def _describe(task: Task, cfg: Any) -> str:
+    """``lenet5 on mnist``: what is timed, in words."""
+    model, data = getattr(cfg, "model", None), getattr(cfg, "data", None)
+    what = getattr(model, "backbone", "")
+    dataset = getattr(data, "dataset", "")
+    return f"{what} on {dataset}" if what and dataset else what or dataset or task.name
+
+
+def bench_case(case: Case, data_root: Path, rounds: int, warmup: int = 10, steps: int | None = None,
                threads: int | None = None) -> dict[str, Any]:
-    """Median optimiser steps/s of each loop over ``rounds`` alternating rounds (the order rotates each round)."""
+    """Median optimiser steps/s of each loop over ``rounds`` alternating rounds (the order rotates each round).
+    ``steps`` None: as many as fill about WINDOW_SECONDS (at most 150, at most what one epoch holds)."""
     task = get_task(case.task)
-    overrides = [*case.overrides, "train.epochs=1", f"train.max_steps_per_epoch={warmup + steps}"]
-    if threads:
-        overrides.append(f"train.threads={threads}")
-    cfg = load_config(task.Config, case.config, overrides, search=task.config_dir())
+    extra = [f"train.threads={threads}"] if threads else []
+    cfg = load_config(task.Config, case.config, [*extra, "train.epochs=1"], search=task.config_dir())
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     data = task.build_data(cfg, data_root)
+    batches = len(data.train) // cfg.train.batch_size
+    if steps is None:  # a short bare run tells the step time
+        per_step = time_bare(task, cfg, data, 2, 3) / 3
+        steps = int(max(20, min(150, WINDOW_SECONDS / per_step)))
+    steps = min(steps, batches - warmup)
+    cfg = load_config(task.Config, case.config, [*extra, "train.epochs=1",
+                                                 f"train.max_steps_per_epoch={warmup + steps}"],
+                      search=task.config_dir())
     loops = [loop for loop in LOOPS if loop != "lightning" or lightning_version()]
     times: dict[str, list[float]] = {loop: [] for loop in loops}
     for r in range(rounds):
@@ -173,9 +196,9 @@ def bench_case(case: Case, data_root: Path, warmup: int, steps: int, rounds: int
             else:
                 seconds = time_lightning(task, cfg, data, warmup, steps)
             times[loop].append(seconds)
-            log.info("%s %s round %d: %.1f steps/s", case.name, loop, r + 1, steps / seconds)
+            log.info("%s %s round %d: %.1f steps/s", case.task, loop, r + 1, steps / seconds)
     rate = {loop: steps / statistics.median(ts) for loop, ts in times.items()}
-    row: dict[str, Any] = {"case": case.name, "task": case.task, "config": case.config,
+    row: dict[str, Any] = {"task": case.task, "config": case.config, "what": _describe(task, cfg),
                            "batch_size": cfg.train.batch_size, "threads": torch.get_num_threads(),
                            "warmup_steps": warmup, "timed_steps": steps, "rounds": rounds,
                            **{f"{loop}_steps_per_s": round(rate[loop], 2) for loop in loops},
@@ -186,17 +209,16 @@ def bench_case(case: Case, data_root: Path, warmup: int, steps: int, rounds: int
 
 
 def run_engine_bench(data_root: Path, results_dir: Path | None = None, quick: bool = False) -> Path:
-    """Every case, written as the ``engine`` section of results/speed.md and .json; returns the Markdown path."""
+    """Every case, written as the ``engine`` section of results/speed.md and .json; returns the Markdown path.
+    ``quick``: the first case only, a few steps, one round (a smoke run, not a measurement)."""
     from cnnapps.bench.speed import write_section
 
     started = time.perf_counter()
     record: dict[str, Any] = {**run_facts("cpu"), "lightning": lightning_version() or "not installed",
                               "goal": "ours >= 0.97 x the bare loop's steps/s and >= 1.0 x Lightning's"}
-    plan = {"MNIST LeNet-5": (20, 150), "ECG default model": (5, 30)}
-    rows = []
-    for case in CASES[:1] if quick else CASES:
-        warmup, steps = (2, 5) if quick else plan[case.name]
-        rows.append(bench_case(case, data_root, warmup, steps, rounds=1 if quick else 5))
+    todo = cases()
+    rows = [bench_case(c, data_root, rounds=1, warmup=2, steps=5) for c in todo[:1]] if quick else \
+        [bench_case(c, data_root, rounds=5) for c in todo]
     record.update({"cases": rows, "wall_seconds": round(time.perf_counter() - started, 1)})
     return write_section("engine", record, results_dir, markdown=format_engine_section(record))
 
@@ -213,7 +235,7 @@ def format_engine_section(r: dict) -> list[str]:
              "| case | batch | threads | timed steps x rounds | ours (steps/s) | bare loop | Lightning | "
              "ours / bare | ours / Lightning |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in r["cases"]:
-        lines.append(f"| {c['case']} (`{c['task']} {c['config']}`) | {c['batch_size']} | {c['threads']} | "
+        lines.append(f"| `{c['task']} {c['config']}`: {c['what']} | {c['batch_size']} | {c['threads']} | "
                      f"{c['timed_steps']} x {c['rounds']} | {c['ours_steps_per_s']} | {c['bare_steps_per_s']} | "
                      f"{c.get('lightning_steps_per_s', 'not installed')} | {c['ours_vs_bare']} | "
                      f"{c['ours_vs_lightning'] if c['ours_vs_lightning'] is not None else 'n/a'} |")

@@ -1,9 +1,10 @@
-"""GPU readiness (``bash scripts/gpu_check.sh``): every task's ci config on CUDA in bf16 with channels_last and
-``torch.compile``, one epoch of the ECG ``hannun`` config (the full 34-layer network), our backbones against
-torchvision's on the GPU, and a one-process NCCL DDP run through ``torchrun``; results/gpu.md with the device.
+"""GPU readiness (``bash scripts/gpu_check.sh``): every task's bench config on CUDA in bf16 with channels_last
+and ``torch.compile``, the extra runs a task asks for (``Task.gpu_check_runs``: one epoch of the ECG task's full
+34-layer network), our backbones against torchvision's on the GPU, and a one-process NCCL DDP run through
+``torchrun``; results/gpu.md with the device's name.
 
-Without a CUDA device it says so, checks that every step would start (each config resolves with the GPU settings
-and builds its model, torchrun, inductor and NCCL are importable) and exits 0 having measured nothing.
+Without a CUDA device it says so, checks that every step would start (each config resolves with the GPU
+settings; torchrun, inductor and NCCL are importable) and exits 0 having measured nothing.
 """
 from __future__ import annotations
 
@@ -27,16 +28,17 @@ GPU_SETTINGS = ["train.device=cuda", "train.precision=bf16", "train.channels_las
 
 
 def plan() -> list[dict[str, Any]]:
-    """The runs of the check: ``{"what", "task", "config", "overrides"}``, each config resolved (so a dry run
-    catches a config that no longer loads)."""
+    """The runs of the check: ``{"what", "task", "config", "overrides"}`` (every task's bench config and the extra
+    runs it asks for), each config resolved (so a dry run catches a config that no longer loads)."""
     steps = []
     for name in list_tasks():
         task = get_task(name)
         if (task.config_dir() / f"{task.bench_config}.toml").is_file():
-            steps.append({"what": f"{name} ci on CUDA", "task": name, "config": task.bench_config,
+            steps.append({"what": f"{name} {task.bench_config} on CUDA", "task": name, "config": task.bench_config,
                           "overrides": list(GPU_SETTINGS)})
-    steps.append({"what": "ECG hannun config, one epoch (full 34-layer network)", "task": "ecg", "config": "hannun",
-                  "overrides": [*GPU_SETTINGS, "train.epochs=1"]})
+        for config, extra in task.gpu_check_runs:
+            steps.append({"what": f"{name} {config} ({' '.join(extra)})", "task": name, "config": config,
+                          "overrides": [*GPU_SETTINGS, *extra]})
     for step in steps:
         task = get_task(step["task"])
         load_config(task.Config, step["config"], step["overrides"], search=task.config_dir())
@@ -48,13 +50,6 @@ def dry_run() -> list[str]:
     lines = []
     for step in plan():
         lines.append(f"ok: {step['what']}: `{step['task']} {step['config']}` resolves with {' '.join(step['overrides'])}")
-    task = get_task("ecg")
-    cfg = load_config(task.Config, "hannun", search=task.config_dir())
-    from cnnapps.engine.task import DataSplits
-
-    model = task.build_model(cfg, DataSplits(None, None, None, state={"classes": ["N", "A", "O", "~"],
-                                                                        "in_chans": 1, "step": 256}))
-    lines.append(f"ok: the hannun model builds ({sum(p.numel() for p in model.parameters()):,} parameters)")
     import torch._inductor  # noqa: F401
     import torch.distributed.run  # noqa: F401
     import torchvision  # noqa: F401
@@ -83,10 +78,13 @@ def _timed_fit(task_name: str, config: str, overrides: list[str], data_root: Pat
 
 
 def _ddp_run(data_root: Path) -> dict[str, Any]:
-    """One NCCL process through torchrun on the classify ci config (one epoch)."""
+    """One NCCL process through torchrun, one epoch of the first engine-benchmark case (a small, quick config)."""
+    from cnnapps.bench.engine import cases
+
+    case = cases()[0]
     with tempfile.TemporaryDirectory(prefix="cnnapps-ddp-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-               "cnnapps.tasks.classify", "train", "--config", "ci", "--out", f"{tmp}/run", "--data-dir",
+               "cnnapps", case.task, "train", "--config", case.config, "--out", f"{tmp}/run", "--data-dir",
                str(data_root), "--set", "train.device=cuda", "--set", "train.epochs=1", "--quiet"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
@@ -94,7 +92,9 @@ def _ddp_run(data_root: Path) -> dict[str, Any]:
                                "wall_seconds": round(time.perf_counter() - t0, 1)}
         metrics = Path(tmp) / "run" / "metrics.json"
         if metrics.is_file():
-            row["accuracy"] = json.loads(metrics.read_text()).get("accuracy")
+            task = get_task(case.task)
+            row["monitor"] = task.monitor
+            row["value"] = json.loads(metrics.read_text()).get(task.monitor)
         if proc.returncode:
             row["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "no output"
     return row
@@ -125,7 +125,8 @@ def format_gpu(r: dict) -> str:
     lines = ["# GPU readiness", "", "Written by `bash scripts/gpu_check.sh` - do not edit by hand.", "",
              f"device: {r['device_name']}; commit: {r['commit']}; time: {r['time_utc']}; torch {r['torch']}; "
              f"whole check {r['wall_seconds']} s", "",
-             "## Every task's ci config (and one hannun epoch) in bf16 + channels_last + torch.compile", "",
+             "## Every task's bench config (and the extra runs tasks ask for) in bf16 + channels_last + "
+             "torch.compile", "",
              "| run | config | monitor | test value | training time (s) | samples/s | wall (s) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in r["runs"]:
@@ -141,7 +142,8 @@ def format_gpu(r: dict) -> str:
               f"{b.get('ratio', b.get('error'))} |" for b in r["speed"]]
     d = r["ddp"]
     lines += ["", "## One-process NCCL DDP through torchrun", "", f"`{d['command']}`: exit status {d['exit_status']}, "
-              f"{d['wall_seconds']} s, test accuracy {d.get('accuracy')}" + (f"; {d['error']}" if "error" in d else "")]
+              f"{d['wall_seconds']} s, test {d.get('monitor')} {d.get('value')}" +
+              (f"; {d['error']}" if "error" in d else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -203,6 +203,7 @@ def write_section(name: str, record: dict, results_dir: Path | str | None = None
     if "sections" not in doc:  # the file from before sections: it was the backbones report alone
         doc = {"sections": {"backbones": doc}, "markdown": {"backbones": format_backbones(doc)}} if doc else \
             {"sections": {}, "markdown": {}}
+    doc.setdefault("markdown", {})
     doc["sections"][name] = record
     doc["markdown"][name] = markdown if markdown is not None else format_backbones(record)
     path.write_text(json.dumps(doc, indent=2) + "\n")

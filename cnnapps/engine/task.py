@@ -64,6 +64,10 @@ class Task:
     monitor: ClassVar[str] = "accuracy"  # eval metric that picks best.pt and drives early stopping
     monitor_mode: ClassVar[str] = "max"
     bench_config: ClassVar[str] = "ci"  # the shipped config `bench` runs by default
+    # the shipped config `bench --engine` times through our Trainer, a bare loop and Lightning (None: not timed)
+    engine_bench_config: ClassVar[str | None] = None
+    # runs `scripts/gpu_check.sh` makes beyond the task's bench config: (config, extra --set overrides)
+    gpu_check_runs: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
 
     @classmethod
     def config_dir(cls) -> Path:

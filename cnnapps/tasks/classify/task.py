@@ -88,6 +88,7 @@ def _augmentation(d: ClassifyData) -> ImageAugment | None:
 class ClassifyTask(Task):
     name = "classify"
     Config = ClassifyConfig
+    engine_bench_config = "ci"  # MNIST LeNet-5: a small, fast step, where a loop's overhead shows most
     monitor = "accuracy"
 
     def build_data(self, cfg: ClassifyConfig, data_root: Path, state: dict | None = None,

@@ -237,6 +237,8 @@ class ECGTask(Task):
 
     name = "ecg"
     Config = ECGConfig
+    engine_bench_config = "default"  # the main job's model and windows
+    gpu_check_runs = (("hannun", ("train.epochs=1",)),)  # one epoch of the full 34-layer network
     monitor = "challenge_f1"  # CinC; the MIT-BIH configs set train.monitor = "seq_f1"
     monitor_mode = "max"
 
