@@ -323,8 +323,8 @@ def config_label(config: str | os.PathLike | None, search: Path | None = None) -
 
 
 def read_config(config: str | os.PathLike | None, search: Path | None = None, _seen: tuple[str, ...] = ()) -> dict:
-    """The values a config file sets, over those of its ``base`` (a config name or a path, looked up beside the
-    file first), key by key. None or ``default``: {} (the dataclass defaults)."""
+    """The values a config file sets, over those of its ``base`` (a config name or a path: beside the file first,
+    then among the shipped configs in ``search``), key by key. None or ``default``: {} (the dataclass defaults)."""
     found = find_config(config, search) if config is not None else None
     if found is None:
         return {}
@@ -337,8 +337,11 @@ def read_config(config: str | os.PathLike | None, search: Path | None = None, _s
         return values
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{where}: base must be a config name or path, got {base!r}")
-    beside = found.parent / base
-    return _merge(read_config(beside if beside.is_file() else base, found.parent, _seen + (where,)), values)
+    # a base is looked up beside the file (a sibling's name or a relative path), then among the task's shipped
+    # configs, so a user's own file can start from `base = "ci"`
+    beside = [found.parent / base, found.parent / f"{base}.toml"]
+    ref = next((b for b in beside if b.is_file()), None)
+    return _merge(read_config(ref if ref is not None else base, search, _seen + (where,)), values)
 
 
 def nest(flat: Mapping[str, Any]) -> dict:
