@@ -31,17 +31,28 @@ def write_run(record: dict, results_dir: Path, name: str) -> Path:
     return md_path
 
 
+def cell(value: object) -> str:
+    """One value as people read it: counts as integers, other numbers with up to four decimals (13.95, 0.841),
+    a missing value as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "nan"
+        return str(int(value)) if value.is_integer() else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
 def table_row(cells: list) -> str:
-    """A Markdown table row; floats with four decimals, a missing value as n/a."""
-    return "| " + " | ".join("n/a" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c)
-                             for c in cells) + " |"
+    """A Markdown table row of ``cell`` values."""
+    return "| " + " | ".join(cell(c) for c in cells) + " |"
 
 
 def format_markdown(doc: dict) -> str:
     """The human-readable twin of a task's results JSON: a summary table, then one section per config."""
     task, runs = doc["task"], sorted(doc["runs"].values(), key=lambda r: r["time_utc"])
     lines = [f"# Results: {task}", "",
-             f"Written by `python -m cnnapps.tasks.{task} bench [--config ...]` - do not edit by hand. One section "
+             f"Written by `cnnapps {task} bench [--config ...]` - do not edit by hand. One section "
              "per config; `ci` is the small-subset benchmark that CI repeats.", "",
              "| config | monitor | test value | training time (s) | epochs | machine | commit | time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -58,8 +69,7 @@ def format_markdown(doc: dict) -> str:
             lines.append(f"| overrides | {' '.join(r['overrides'])} |")
         lines += ["", "Test split:", "", "| metric | value |", "| --- | --- |"]
         for k, v in r["test"].items():
-            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) and not float(v).is_integer()
-                         else f"| {k} | {v:g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |")
+            lines.append(f"| {k} | {cell(v)} |")
         if r["extra"]:
             lines += ["", "Extra measurements:", "", "| measurement | value |", "| --- | --- |"]
             for k, v in r["extra"].items():
@@ -76,7 +86,7 @@ def _dataset_of(record: dict) -> str:
 
 def write_summary(records: list[dict], results_dir: Path) -> Path:
     """results/README.md: task, data set, metric, value, training time, throughput, device, commit."""
-    lines = ["# Results", "", "Written by `python -m cnnapps bench --all` - do not edit by hand. Each row is a task's "
+    lines = ["# Results", "", "Written by `cnnapps bench --all` - do not edit by hand. Each row is a task's "
              "small-subset (ci) benchmark; the per-task files beside this one hold every metric and the config.", "",
              "| task | data set | metric | value | training time (s) | train samples/s | device | commit | time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
