@@ -192,3 +192,13 @@ def test_tensorboard_and_csv_agree_with_metrics_jsonl(tmp_path, data_root):
     assert events.Scalars("test/accuracy")[0].value == pytest.approx(resumed.test_metrics["accuracy"])
     assert any("confusion" in t for t in events.Tags()["images"])
     assert any(tag.startswith("config") for tag in events.Tags()["tensors"])
+
+
+def test_a_resume_that_changes_the_schedule_says_so(tmp_path, data_root, caplog):
+    cfg = _cfg("train.epochs=1", "train.max_steps_per_epoch=2", "train.schedule=onecycle")
+    fit(ClassifyTask(), cfg, tmp_path / "run", data_root, quiet=True)
+    longer = _cfg("train.epochs=3", "train.max_steps_per_epoch=2", "train.schedule=onecycle")
+    with caplog.at_level("WARNING"):
+        result = fit(ClassifyTask(), longer, tmp_path / "run", data_root, quiet=True, resume=True)
+    assert result.epochs_run == 3  # one-cycle stretched to the new length instead of stepping past its end
+    assert any("train.epochs 1 -> 3" in r.getMessage() and "onecycle" in r.getMessage() for r in caplog.records)
