@@ -44,6 +44,9 @@ def plot_curves(history: Sequence[dict], steps: Sequence[Sequence[float]], steps
     val = [(r["epoch"], r["val_loss"]) for r in history if "val_loss" in r]
     if val:
         axes[0].plot(*zip(*val), marker="o", color="tab:red", label="validation")
+    losses = [s[2] for s in steps] + [r.get("train_loss", 0) for r in history] + [v for _, v in val]
+    if losses and min(losses) > 0:  # the first steps' loss would flatten everything after them
+        axes[0].set_yscale("log")
     axes[0].set_title("loss")
     axes[0].legend(fontsize=8)
     key = f"val_{monitor}"
