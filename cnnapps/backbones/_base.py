@@ -1,13 +1,17 @@
 """Backbone: the base class that gives every family the same stage-by-stage forward, features_only mode and head API."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cnnapps.backbones._features import FeatureInfo, normalize_indices
 from cnnapps.layers import check_dim
+
+_OUTPUT_FMTS = {1: ("NCL", "NCHW"), 2: ("NCHW",)}
 
 
 class Backbone(nn.Module):
@@ -19,7 +23,11 @@ class Backbone(nn.Module):
     trainer's stage freezing relies on parameter order following the stages.
 
     Attributes: ``dim`` (1: inputs (B, C, T); 2: inputs (B, C, H, W)), ``feature_info``, ``num_classes``,
-    ``num_features`` (width of the pre-logits vector that the last linear layer sees), ``features_only``.
+    ``num_features`` (width of the pre-logits vector that the last linear layer sees), ``features_only``,
+    ``pretrained_cfg`` (what the weights expect and where they came from; ``create_backbone`` fills it).
+
+    Residual blocks mark themselves with ``checkpoint_unit = True``: with ``set_grad_checkpointing()`` each such
+    block is recomputed on its own in the backward pass, and any other run of consecutive layers as one piece.
     """
 
     def __init__(self, dim: int) -> None:
@@ -30,6 +38,8 @@ class Backbone(nn.Module):
         self.features_only = False
         self._stage_paths: list[tuple[str, ...]] = []
         self._out_positions: tuple[int, ...] = ()
+        self.grad_checkpointing = False
+        self.pretrained_cfg: dict[str, Any] = {}
 
     def _set_stages(self, stages: Sequence[tuple[Sequence[str], int, int]]) -> None:
         """Declare the stages: ``(submodule names applied in order, out channels, total stride)`` each.
@@ -58,18 +68,97 @@ class Backbone(nn.Module):
         if self.features_only:
             raise RuntimeError(f"{type(self).__name__} was built with features_only=True and has no head")
 
+    def _stage_pieces(self, paths: Sequence[str]) -> list[list[nn.Module]]:
+        """The stage's modules in forward order, cut into the pieces gradient checkpointing recomputes: every
+        residual block alone (blocks inside a Sequential path are unrolled), other consecutive layers together.
+        In-place activations never straddle a cut: every piece starts with a layer that does not modify its
+        input (a convolution, a pool, a norm or a block)."""
+        pieces: list[list[nn.Module]] = []
+        run: list[nn.Module] = []
+        for path in paths:
+            module = self.get_submodule(path)
+            children = list(module.children()) if isinstance(module, nn.Sequential) else []
+            if children and all(getattr(c, "checkpoint_unit", False) for c in children):
+                if run:
+                    pieces.append(run)
+                    run = []
+                pieces.extend([c] for c in children)
+            else:
+                run.append(module)
+        if run:
+            pieces.append(run)
+        return pieces
+
+    def _run_stage(self, x: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            for path in paths:
+                x = self.get_submodule(path)(x)
+            return x
+        for piece in self._stage_pieces(paths):
+            x = checkpoint(_run_sequence, piece, x, use_reentrant=False)
+        return x
+
     def _run_stages(self, x: torch.Tensor, collect: bool) -> list[torch.Tensor]:
         outs = []
         for paths in self._stage_paths:
-            for path in paths:
-                x = self.get_submodule(path)(x)
+            x = self._run_stage(x, paths)
             if collect:
                 outs.append(x)
         return outs if collect else [x]
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every stage's output, shallow to deep: ``(B, feature_info.channels(i), *L / reduction(i))``."""
-        return self._run_stages(x, collect=True)
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in training (timm's method): stage activations are not kept for the
+        backward pass but recomputed, block by block for the residual families. Outputs and gradients are
+        unchanged; batch-norm running statistics are updated once more per recomputed piece, as in timm."""
+        self.grad_checkpointing = bool(enable)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: run the stages and also return the maps of some of them.
+
+        ``indices``: the stages to return (positions in ``feature_info``, negative counting from the end), an
+        int ``n`` for the last ``n``, or None for all. Returns ``(final, intermediates)``: ``final`` is the last
+        stage map (what ``forward_features`` gives; with ``stop_early`` the deepest stage asked for, and later
+        stages are not run), ``intermediates`` the list of (B, feature_info.channels(i), *L / reduction(i))
+        maps, shallow to deep; with ``intermediates_only`` the list alone. ``norm`` is accepted for timm's
+        signature and has no effect: none of these nets has a final norm outside its last stage. ``output_fmt``
+        must be channels-first (``"NCHW"``; ``"NCL"`` also for 1D nets).
+        """
+        if output_fmt not in _OUTPUT_FMTS[self.dim]:
+            raise ValueError(f"output_fmt must be one of {_OUTPUT_FMTS[self.dim]} for a {self.dim}D net, "
+                             f"got {output_fmt!r}")
+        take = take_indices(indices, len(self._stage_paths))
+        last = max(take) if (stop_early or intermediates_only) else len(self._stage_paths) - 1
+        intermediates = []
+        for i, paths in enumerate(self._stage_paths[: last + 1]):
+            x = self._run_stage(x, paths)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's method: replace every stage after the deepest one in ``indices`` by identities (and the head
+        by identities too with ``prune_head``), so ``forward_intermediates`` computes nothing it does not return.
+        Returns the kept stage positions asked for. ``prune_norm`` is accepted for timm's signature."""
+        if self.features_only:
+            raise RuntimeError("a features_only net is already pruned to its out_indices")
+        take = take_indices(indices, len(self._stage_paths))
+        for paths in self._stage_paths[max(take) + 1:]:
+            for path in paths:
+                self.set_submodule(path, nn.Identity())
+        self._stage_paths = self._stage_paths[: max(take) + 1]
+        self.feature_info = self.feature_info.select(list(range(max(take) + 1)))
+        if prune_head and not self.features_only:
+            self.reset_classifier(0)
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last stage map (B, feature_info.channels(-1), *L / feature_info.reduction(-1))."""
@@ -89,6 +178,33 @@ class Backbone(nn.Module):
             outs = self._run_stages(x, collect=True)
             return [outs[i] for i in self._out_positions]
         return self.forward_head(self.forward_features(x))
+
+
+def take_indices(indices: int | Sequence[int] | None, num_stages: int) -> list[int]:
+    """timm's reading of ``indices``: None = every stage, an int ``n`` = the last ``n``, a sequence = those
+    positions (negative from the end; any order, repeats collapse). Sorted positions; ValueError when out of
+    range."""
+    if indices is None:
+        return list(range(num_stages))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices} as a count must be in 1..{num_stages}")
+        return list(range(num_stages - indices, num_stages))
+    out = set()
+    for i in indices:
+        if not isinstance(i, int) or not -num_stages <= i < num_stages:
+            raise ValueError(f"index {i!r} out of range for {num_stages} stages "
+                             f"(valid: {-num_stages}..{num_stages - 1})")
+        out.add(i % num_stages)
+    if not out:
+        raise ValueError("indices is empty")
+    return sorted(out)
+
+
+def _run_sequence(modules: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+    for module in modules:
+        x = module(x)
+    return x
 
 
 def check_num_classes(num_classes: int) -> int:

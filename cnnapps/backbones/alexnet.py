@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cnnapps.backbones._base import Backbone, check_in_chans, check_num_classes
+from cnnapps.backbones._pretrained import IMAGENET_CFG
 from cnnapps.backbones._registry import register_backbone
 from cnnapps.layers import LocalResponseNorm
 
@@ -146,9 +147,84 @@ class AlexNet(Backbone):
 
 @register_backbone(
     default_input=(3, 227, 227), min_input=(3, 67, 67), paper=_PAPER,
-    published={"params": 60e6, "conv1_params": 34_944},
+    published={"params": 60e6, "conv1_params": 34_944}, pretrained_cfg=IMAGENET_CFG,
     notes="the paper's 60 M is the two-tower net (groups=2: 60,965,224); single tower: 62,378,344",
 )
 def alexnet(**kwargs) -> AlexNet:
     """AlexNet, single tower by default (``groups=2`` for the paper's two-GPU connectivity); 227x227 input."""
     return AlexNet(ALEXNET_CONVS, **kwargs)
+
+
+class AlexNetTV(Backbone):
+    """AlexNet in torchvision's layout ("One weird trick", Krizhevsky 2014, as torchvision builds it): convs of
+    64, 192, 384, 256, 256 filters, no LRN, dropout before FC6 and FC7; parameter names ``features.N`` /
+    ``classifier.N`` are torchvision's, so its ``alexnet`` state dict loads strictly and gives its outputs.
+
+    (B, in_chans, H, W) -> (B, num_classes), H, W >= 63. Stages (``feature_info``): conv1 (64 ch, /4), conv2
+    (192, /8), conv5 (256, /16), pool5 (256, /32). ``num_features`` = 4096 (FC7 after its ReLU).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        dropout: float = 0.5,
+        features_only: bool = False,
+        out_indices: Sequence[int] | int | None = None,
+    ) -> None:
+        super().__init__(dim=2)
+        self.features = nn.Sequential(
+            nn.Conv2d(check_in_chans(in_chans), 64, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(64, 192, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        f = [f"features.{i}" for i in range(13)]
+        self._set_stages([(f[0:2], 64, 4), (f[2:5], 192, 8), (f[5:12], 256, 16), (f[12:13], 256, 32)])
+        if features_only:
+            self._set_features_only(out_indices)
+            return
+        self.num_features = 4096
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=dropout),
+            nn.Linear(256 * 6 * 6, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Identity(),
+        )
+        self.reset_classifier(check_num_classes(num_classes))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace ``classifier.6`` by Linear(4096, num_classes) (identity for 0)."""
+        self._require_head()
+        self.num_classes = check_num_classes(num_classes)
+        self.classifier[6] = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """pool5 map (B, 256, h, w) -> (B, num_classes), or the FC7 activations (B, 4096) with ``pre_logits``."""
+        self._require_head()
+        x = self.classifier[:6](torch.flatten(self.avgpool(x), 1))
+        return x if pre_logits else self.classifier[6](x)
+
+
+@register_backbone(
+    default_input=(3, 224, 224), min_input=(3, 64, 64), paper=_PAPER + " (torchvision's single-tower layout)",
+    published={"params": 61_100_840, "gmacs": 0.714},
+    notes="torchvision's AlexNet_Weights.IMAGENET1K_V1 metadata (parameters and GFLOPS as multiply-adds)",
+    pretrained_cfg=IMAGENET_CFG,
+)
+def alexnet_tv(**kwargs) -> AlexNetTV:
+    """AlexNet with torchvision's parameter names and widths: ``torchvision.models.alexnet`` files load strictly."""
+    return AlexNetTV(**kwargs)

@@ -10,7 +10,7 @@ from torch import nn
 from cnnapps.backbones._base import Backbone, check_in_chans, check_num_classes
 from cnnapps.backbones._registry import register_backbone
 from cnnapps.heads import ClassifierHead
-from cnnapps.layers import batchnorm_cls, create_conv, maxpool_cls
+from cnnapps.layers import DropPath, batchnorm_cls, create_conv, drop_path_rates, maxpool_cls
 
 _PAPER = (
     "Hannun, Rajpurkar, Haghpanahi, Tison, Bourn, Turakhia, Ng. Cardiologist-level arrhythmia detection and "
@@ -34,8 +34,11 @@ class PreActBlock(nn.Module):
     that max-pools by ``stride`` and zero-pads new channels. (B, in_chs, L) -> (B, out_chs, L / stride).
 
     ``preact=False`` drops the first BN-ReLU (the net's first block, whose input is the stem's BN-ReLU output).
-    Dropout sits only between the two convolutions, as in the authors' code.
+    Dropout sits only between the two convolutions, as in the authors' code. ``drop_path`` (stochastic depth)
+    drops the residual branch for a random share of examples in training.
     """
+
+    checkpoint_unit = True
 
     def __init__(
         self,
@@ -46,6 +49,7 @@ class PreActBlock(nn.Module):
         dropout: float = 0.2,
         preact: bool = True,
         dim: int = 1,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if out_chs < in_chs:
@@ -56,13 +60,14 @@ class PreActBlock(nn.Module):
         self.mid = BNReLU(out_chs, dropout, dim=dim)
         self.conv2 = create_conv(dim, out_chs, out_chs, kernel_size)
         self.shortcut = maxpool_cls(dim)(stride) if stride > 1 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.shortcut(x)
         if shortcut.shape[1] < self.out_chs:
             # Channel growth without parameters: the new channels of the identity path are zeros.
             shortcut = F.pad(shortcut, (0, 0) * (x.dim() - 2) + (0, self.out_chs - shortcut.shape[1]))
-        return self.conv2(self.mid(self.conv1(self.pre(x)))) + shortcut
+        return self.drop_path(self.conv2(self.mid(self.conv1(self.pre(x))))) + shortcut
 
 
 class HannunNet(Backbone):
@@ -83,7 +88,9 @@ class HannunNet(Backbone):
     (eps 1e-5, momentum 0.1) rather than Keras' (1e-3, 0.99).
 
     Stages (``feature_info``): one per group of blocks at a new stride (strides 1, 2, 4, ..., 256 by default);
-    the last includes the final BN-ReLU (module ``norm_act``).
+    the last includes the final BN-ReLU (module ``norm_act``). ``drop_path_rate``: stochastic depth growing
+    linearly to that rate over the blocks (off in the paper); ``global_pool``: the pooling of the clip-level
+    head (``SelectAdaptivePool``).
     """
 
     def __init__(
@@ -96,6 +103,8 @@ class HannunNet(Backbone):
         dropout: float = 0.2,
         subsample_every: int = 2,
         increase_every: int = 4,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
         features_only: bool = False,
         out_indices: Sequence[int] | int | None = None,
     ) -> None:
@@ -115,10 +124,12 @@ class HannunNet(Backbone):
         groups: list[list[nn.Module]] = []
         group_meta: list[tuple[int, int]] = []  # (channels, reduction) at the end of each group
         chs, reduction = width, 1
+        block_drop = drop_path_rates(drop_path_rate, num_blocks)
         for i in range(num_blocks):
             out_chs = width * 2 ** (i // increase_every)
             stride = 2 if (i + 1) % subsample_every == 0 else 1
-            block = PreActBlock(chs, out_chs, stride, kernel_size, dropout, preact=i > 0, dim=dim)
+            block = PreActBlock(chs, out_chs, stride, kernel_size, dropout, preact=i > 0, dim=dim,
+                                drop_path=block_drop[i])
             reduction *= stride
             if i == 0 or stride > 1:
                 groups.append([])
@@ -136,8 +147,9 @@ class HannunNet(Backbone):
         if features_only:
             self._set_features_only(out_indices)
             return
-        self.num_features = self.feature_info.channels(-1)
-        self.head = ClassifierHead(self.num_features, check_num_classes(num_classes), dim=dim, pool="avg")
+        self.head = ClassifierHead(self.feature_info.channels(-1), check_num_classes(num_classes), dim=dim,
+                                   pool=global_pool)
+        self.num_features = self.head.num_features
         self.num_classes = num_classes
 
     def _init_weights(self) -> None:
@@ -147,9 +159,14 @@ class HannunNet(Backbone):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the linear layer after time pooling by one with ``num_classes`` outputs (identity for 0)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the linear layer after time pooling by one with ``num_classes`` outputs (identity for 0);
+        ``global_pool`` also changes the pooling."""
         self._require_head()
+        if global_pool is not None:
+            self.head = ClassifierHead(self.feature_info.channels(-1), 0, dim=self.dim, pool=global_pool,
+                                       drop=self.head.drop.p)
+            self.num_features = self.head.num_features
         self.head.reset(check_num_classes(num_classes))
         self.num_classes = num_classes
 

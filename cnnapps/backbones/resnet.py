@@ -8,8 +8,17 @@ import torch
 from torch import nn
 
 from cnnapps.backbones._base import Backbone, check_in_chans, check_num_classes
+from cnnapps.backbones._pretrained import IMAGENET_CFG
 from cnnapps.backbones._registry import register_backbone
-from cnnapps.layers import SqueezeExcite, adaptive_avgpool_cls, batchnorm_cls, create_conv, maxpool_cls
+from cnnapps.layers import (
+    DropPath,
+    SelectAdaptivePool,
+    SqueezeExcite,
+    batchnorm_cls,
+    create_conv,
+    drop_path_rates,
+    maxpool_cls,
+)
 
 AttnLayer = Callable[[int], nn.Module]  # channels -> module mapping (B, C, *L) to the same shape
 
@@ -20,10 +29,14 @@ _SE_PAPER = "Hu, Shen, Sun. Squeeze-and-Excitation Networks. CVPR 2018"
 class BasicBlock(nn.Module):
     """Two k x k convolutions with an identity (or 1x1 projection) shortcut: (B, in_chs, *L) -> (B, planes, *L/stride).
 
-    ``attn_layer(channels)`` (e.g. squeeze-and-excitation) is applied to the residual branch before the sum.
+    ``attn_layer(channels)`` (e.g. squeeze-and-excitation) is applied to the residual branch before the sum,
+    then ``drop_path`` (stochastic depth: the branch is dropped for a random share of examples in training).
+    ``dilation`` dilates the second conv, ``first_dilation`` (default ``dilation``) the first (torchvision's
+    and timm's dilated stages: the first block keeps the previous stage's dilation).
     """
 
     expansion = 1
+    checkpoint_unit = True
 
     def __init__(
         self,
@@ -34,15 +47,20 @@ class BasicBlock(nn.Module):
         dim: int = 2,
         kernel_size: int = 3,
         attn_layer: AttnLayer | None = None,
+        dilation: int = 1,
+        first_dilation: int | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         norm = batchnorm_cls(dim)
-        self.conv1 = create_conv(dim, in_chs, planes, kernel_size, stride, bias=False)
+        first_dilation = first_dilation or dilation
+        self.conv1 = create_conv(dim, in_chs, planes, kernel_size, stride, dilation=first_dilation, bias=False)
         self.bn1 = norm(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = create_conv(dim, planes, planes, kernel_size, bias=False)
+        self.conv2 = create_conv(dim, planes, planes, kernel_size, dilation=dilation, bias=False)
         self.bn2 = norm(planes)
         self.se = attn_layer(planes) if attn_layer is not None else None
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
         self.downsample = downsample
         self.stride = stride
 
@@ -56,7 +74,7 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         if self.se is not None:
             out = self.se(out)
-        return self.relu(out + shortcut)
+        return self.relu(self.drop_path(out) + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -64,9 +82,10 @@ class Bottleneck(nn.Module):
 
     The stride sits in the k x k conv (torchvision's "v1.5", slightly more accurate); ``stride_in_1x1=True``
     puts it in the first 1x1 conv as in the paper's original blocks (same parameters, fewer MACs).
-    ``attn_layer`` as in ``BasicBlock``."""
+    ``attn_layer``, ``dilation``, ``first_dilation`` (of the k x k conv) and ``drop_path`` as in ``BasicBlock``."""
 
     expansion = 4
+    checkpoint_unit = True
 
     def __init__(
         self,
@@ -78,6 +97,9 @@ class Bottleneck(nn.Module):
         kernel_size: int = 3,
         attn_layer: AttnLayer | None = None,
         stride_in_1x1: bool = False,
+        dilation: int = 1,
+        first_dilation: int | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         norm = batchnorm_cls(dim)
@@ -85,12 +107,14 @@ class Bottleneck(nn.Module):
         stride1, stride2 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = create_conv(dim, in_chs, planes, 1, stride1, bias=False)
         self.bn1 = norm(planes)
-        self.conv2 = create_conv(dim, planes, planes, kernel_size, stride2, bias=False)
+        self.conv2 = create_conv(dim, planes, planes, kernel_size, stride2, dilation=first_dilation or dilation,
+                                 bias=False)
         self.bn2 = norm(planes)
         self.conv3 = create_conv(dim, planes, out_chs, 1, bias=False)
         self.bn3 = norm(out_chs)
         self.relu = nn.ReLU(inplace=True)
         self.se = attn_layer(out_chs) if attn_layer is not None else None
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
         self.downsample = downsample
         self.stride = stride
 
@@ -105,7 +129,7 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         if self.se is not None:
             out = self.se(out)
-        return self.relu(out + shortcut)
+        return self.relu(self.drop_path(out) + shortcut)
 
 
 Block = type[BasicBlock] | type[Bottleneck]
@@ -120,6 +144,11 @@ class ResNet(Backbone):
     (even sizes get TensorFlow-style "same" padding). ``attn_layer(channels)`` adds e.g. SE to every block.
     ``stride_in_1x1`` (bottleneck nets only) gives the paper's original blocks, see ``Bottleneck``.
     ``zero_init_residual`` starts every block as an identity (last BN scale 0).
+
+    timm's options: ``output_stride`` 16 or 8 replaces the stride of the last one or two stages by dilation
+    (torchvision's ``replace_stride_with_dilation``; ``feature_info`` then reports reductions 2, 4, 8, 16, 16 or
+    2, 4, 8, 8, 8), for dense prediction at a finer map; ``drop_path_rate`` is stochastic depth growing linearly
+    to that rate over the blocks; ``global_pool`` picks the head's pooling (see ``SelectAdaptivePool``).
     """
 
     def __init__(
@@ -136,6 +165,9 @@ class ResNet(Backbone):
         stride_in_1x1: bool = False,
         zero_init_residual: bool = False,
         drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        output_stride: int = 32,
+        global_pool: str = "avg",
         features_only: bool = False,
         out_indices: Sequence[int] | int | None = None,
     ) -> None:
@@ -144,44 +176,56 @@ class ResNet(Backbone):
             raise ValueError(f"layers must be 4 positive stage depths, got {tuple(layers)}")
         if stride_in_1x1 and block is not Bottleneck:
             raise ValueError("stride_in_1x1 applies to bottleneck blocks only (resnet50 and deeper)")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
         self.block, self.kernel_size, self.attn_layer = block, kernel_size, attn_layer
         self.block_kw = {"stride_in_1x1": True} if stride_in_1x1 else {}
-        self.inplanes = stem_width
+        self.output_stride = output_stride
+        self.inplanes, self.dilation = stem_width, 1
+        self._block_drop = iter(drop_path_rates(drop_path_rate, sum(layers)))
         self.conv1 = create_conv(dim, check_in_chans(in_chans), stem_width, stem_kernel_size, 2, bias=False)
         self.bn1 = batchnorm_cls(dim)(stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = maxpool_cls(dim)(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(64, layers[0])
         self.layer2 = self._make_layer(128, layers[1], stride=2)
-        self.layer3 = self._make_layer(256, layers[2], stride=2)
-        self.layer4 = self._make_layer(512, layers[3], stride=2)
+        self.layer3 = self._make_layer(256, layers[2], stride=2, dilate=output_stride <= 8)
+        self.layer4 = self._make_layer(512, layers[3], stride=2, dilate=output_stride <= 16)
+        del self._block_drop
         widths = [stem_width] + [p * block.expansion for p in (64, 128, 256, 512)]
         paths = [("conv1", "bn1", "relu"), ("maxpool", "layer1"), ("layer2",), ("layer3",), ("layer4",)]
-        self._set_stages(list(zip(paths, widths, (2, 4, 8, 16, 32))))
+        reductions = [min(r, output_stride) for r in (2, 4, 8, 16, 32)]
+        self._set_stages(list(zip(paths, widths, reductions)))
         self._init_weights(zero_init_residual)
         if features_only:
             self._set_features_only(out_indices)
             return
-        self.num_features = self.feature_info.channels(-1)
         self.drop_rate = drop_rate
-        self.avgpool = adaptive_avgpool_cls(dim)(1)
+        self.global_pool = SelectAdaptivePool(global_pool, dim)
         self.fc: nn.Module = nn.Identity()
         self.reset_classifier(check_num_classes(num_classes))
 
-    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        """One stage: ``blocks`` blocks, the first with ``stride`` and a 1x1 projection if the shape changes."""
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        """One stage: ``blocks`` blocks, the first with ``stride`` and a 1x1 projection if the shape changes.
+        ``dilate`` keeps the resolution instead (stride 1) and multiplies the dilation by ``stride``."""
         out_chs = planes * self.block.expansion
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
         downsample = None
         if stride != 1 or self.inplanes != out_chs:
             downsample = nn.Sequential(
                 create_conv(self.dim, self.inplanes, out_chs, 1, stride, bias=False), batchnorm_cls(self.dim)(out_chs)
             )
         make = partial(
-            self.block, dim=self.dim, kernel_size=self.kernel_size, attn_layer=self.attn_layer, **self.block_kw
+            self.block, dim=self.dim, kernel_size=self.kernel_size, attn_layer=self.attn_layer,
+            dilation=self.dilation, **self.block_kw
         )
-        layers = [make(self.inplanes, planes, stride, downsample)]
+        layers = [make(self.inplanes, planes, stride, downsample, first_dilation=previous_dilation,
+                       drop_path=next(self._block_drop))]
         self.inplanes = out_chs
-        layers += [make(out_chs, planes) for _ in range(1, blocks)]
+        layers += [make(out_chs, planes, drop_path=next(self._block_drop)) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -196,16 +240,23 @@ class ResNet(Backbone):
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     m.zero_init_last()
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace ``fc`` by a fresh Linear(num_features, num_classes) (identity for 0)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace ``fc`` by a fresh Linear(num_features, num_classes) (identity for 0); ``global_pool`` also
+        changes the pooling (``num_features`` doubles with ``catavgmax``)."""
         self._require_head()
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool(global_pool, self.dim)
         self.num_classes = check_num_classes(num_classes)
+        self.num_features = self.feature_info.channels(-1) * self.global_pool.feat_mult()
+        if num_classes and self.global_pool.is_identity():
+            raise ValueError("global_pool='' (no pooling) needs num_classes=0")
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, num_features, *L/32) -> (B, num_classes), or the pooled (B, num_features) with ``pre_logits``."""
+        """(B, num_features, *L/32) -> (B, num_classes), or the pooled (B, num_features) with ``pre_logits``
+        (with ``global_pool=''`` the unpooled map)."""
         self._require_head()
-        x = torch.flatten(self.avgpool(x), 1)
+        x = self.global_pool(x)
         if self.drop_rate:
             x = nn.functional.dropout(x, self.drop_rate, self.training)
         return x if pre_logits else self.fc(x)
@@ -221,7 +272,8 @@ def _resnet(block: Block, layers: Sequence[int], **kwargs) -> ResNet:
 # blocks stride in the 3x3 conv: the first 1x1 conv of each stage's first block then runs at 4x the resolution
 # (+0.23 G). With ``stride_in_1x1=True`` (the paper's blocks) we measure 3.86 / 7.57 / 11.28 G, which the paper
 # rounds to 3.8 / 7.6 / 11.3. Tests: "gmacs" within 1%, "paper_gmacs" within 8% (v1.5) and 2% (stride_in_1x1).
-_R224 = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_RESNET_PAPER)
+_R224 = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_RESNET_PAPER, 
+             pretrained_cfg=IMAGENET_CFG)
 
 
 @register_backbone(**_R224, published={"params": 11_689_512, "gmacs": 1.814, "paper_gmacs": 1.8})
@@ -260,7 +312,8 @@ def _seresnet(block: Block, layers: Sequence[int], se_reduction: int = 16, dim: 
 
 # Hu et al. table 2: SE-ResNet-50 28.1 M parameters, 3.87 GFLOPs (multiply-adds of the original stride-in-1x1
 # blocks; ResNet-50 3.86 there). We measure 28,088,024 parameters and 4.09 G (3.86 G with stride_in_1x1=True).
-_SE224 = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_SE_PAPER)
+_SE224 = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_SE_PAPER, 
+             pretrained_cfg=IMAGENET_CFG)
 
 
 @register_backbone(**_SE224)

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from cnnapps.backbones._base import Backbone, check_in_chans, check_num_classes
+from cnnapps.backbones._pretrained import IMAGENET_CFG
 from cnnapps.backbones._registry import register_backbone
 
 _PAPER = "Simonyan, Zisserman. Very Deep Convolutional Networks for Large-Scale Image Recognition. ICLR 2015"
@@ -120,7 +121,8 @@ def _vgg(cfg: str, batch_norm: bool, **kwargs) -> VGG:
 
 
 # "params" from torchvision's weight metadata; "gmacs" likewise (its GFLOPS are multiply-adds of conv + linear).
-_V = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_PAPER)
+_V = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_PAPER, 
+             pretrained_cfg=IMAGENET_CFG)
 
 
 @register_backbone(**_V, published={"params": 132_863_336, "gmacs": 7.609})

@@ -1,6 +1,7 @@
 """ZFNet (Zeiler & Fergus 2014): AlexNet with a 7x7/2 first layer and a 5x5/2 second layer, from their figure 3."""
 from __future__ import annotations
 
+from cnnapps.backbones._pretrained import IMAGENET_CFG
 from cnnapps.backbones._registry import register_backbone
 from cnnapps.backbones.alexnet import AlexNet, ConvSpec
 
@@ -16,7 +17,7 @@ ZFNET_CONVS = (
 )
 
 
-@register_backbone(default_input=(3, 224, 224), min_input=(3, 64, 64), paper=_PAPER)
+@register_backbone(default_input=(3, 224, 224), min_input=(3, 64, 64), paper=_PAPER, pretrained_cfg=IMAGENET_CFG)
 def zfnet(*, contrast_norm: bool = True, **kwargs) -> AlexNet:
     """ZFNet: (B, 3, 224, 224) -> (B, num_classes); one tower (the paper trained on a single GPU).
 

@@ -14,13 +14,18 @@ from cnnapps.layers._nd import (
     same_padding,
 )
 from cnnapps.layers.blocks import ConvNormAct, LocalResponseNorm, ScaledTanh, SqueezeExcite
+from cnnapps.layers.drop import DropPath, drop_path, drop_path_rates
+from cnnapps.layers.pool import GLOBAL_POOLS, SelectAdaptivePool
 
 __all__ = [
     "Conv1dSame",
     "Conv2dSame",
     "ConvNormAct",
+    "DropPath",
+    "GLOBAL_POOLS",
     "LocalResponseNorm",
     "ScaledTanh",
+    "SelectAdaptivePool",
     "SqueezeExcite",
     "adaptive_avgpool_cls",
     "adaptive_maxpool_cls",
@@ -29,6 +34,8 @@ __all__ = [
     "check_dim",
     "conv_cls",
     "create_conv",
+    "drop_path",
+    "drop_path_rates",
     "layer_cls",
     "maxpool_cls",
     "same_padding",

@@ -14,7 +14,8 @@ class ConvNormAct(nn.Sequential):
     """Convolution, optional batch norm, optional activation: (B, in_chs, *L) -> (B, out_chs, *L / stride).
 
     Submodules are named ``conv``, ``bn`` (when ``norm``) and ``act`` (when ``act`` is not None). The conv
-    has a bias only without batch norm, because BN's shift makes it redundant.
+    has a bias only without batch norm, because BN's shift makes it redundant. ``bn_eps`` is the norm's epsilon
+    (torchvision's Inception nets use 1e-3).
     """
 
     def __init__(
@@ -28,11 +29,12 @@ class ConvNormAct(nn.Sequential):
         groups: int = 1,
         norm: bool = False,
         act: Callable[[], nn.Module] | None = nn.ReLU,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.conv = create_conv(dim, in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=not norm)
         if norm:
-            self.bn = batchnorm_cls(dim)(out_chs)
+            self.bn = batchnorm_cls(dim)(out_chs, eps=bn_eps)
         if act is not None:
             self.act = act()
 

@@ -121,9 +121,10 @@ class WithPadding(nn.Module):
         with padding_context(self.padding):
             return self.inner(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The inner backbone's ``forward_intermediates`` (timm's signature) under this padding."""
         with padding_context(self.padding):
-            return stage_outputs(self.inner, x)
+            return self.inner.forward_intermediates(x, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- the probe

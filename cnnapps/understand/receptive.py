@@ -275,7 +275,7 @@ def stage_outputs(backbone: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         return list(backbone(x))
     if not hasattr(backbone, "forward_intermediates"):
         raise TypeError(f"{type(backbone).__name__} has no forward_intermediates; pass a zoo backbone")
-    return backbone.forward_intermediates(x)
+    return backbone.forward_intermediates(x, intermediates_only=True)
 
 
 def _example_input(model: nn.Module, input_shape: Sequence[int], device: torch.device | str,
