@@ -25,6 +25,9 @@ IMAGENET_CFG = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bi
 CHECKPOINT_FORMAT = "cnnapps-checkpoint-v1"  # the marker cnnapps.engine.checkpoint writes
 
 
+OUTSIDE = "outside the backbone"
+
+
 class PretrainedError(RuntimeError):
     """A weights file is missing, unreadable, holds no state dict, or does not fit the backbone."""
 
@@ -43,8 +46,9 @@ class LoadReport:
 
     @property
     def exact(self) -> bool:
-        """Every model tensor came from the file and every file tensor was used."""
-        return not self.skipped and not self.missing
+        """Every model tensor came from the file and every file tensor under ``prefix`` was used (a task model's
+        own head, outside the backbone, does not count)."""
+        return not self.missing and all(why == OUTSIDE for why in self.skipped.values())
 
     def summary(self) -> str:
         """One line: counts and the first names left out."""
@@ -106,7 +110,7 @@ def match_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
     matched: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         if not k.startswith(best_prefix):
-            report.skipped[k] = "outside the backbone"
+            report.skipped[k] = OUTSIDE
             continue
         name = k[len(best_prefix):]
         if name not in own:
@@ -176,7 +180,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, strict: bool = Fa
                     payload_state: tuple[dict, dict | None] | None = None) -> LoadReport:
     """Load the tensors of ``path`` that fit ``model`` by name and shape, log what was skipped, and record the
     source (and, for a cnnapps checkpoint, its preprocessing) in ``model.pretrained_cfg``. ``strict``: a
-    PretrainedError unless every model tensor and every file tensor was used. Returns the report."""
+    PretrainedError unless every model tensor and every file tensor under the matched prefix was used
+    (``LoadReport.exact``). Returns the report."""
     state, payload = payload_state if payload_state is not None else read_weights_file(path)
     matched, report = match_state(model, state, str(path))
     if not report.loaded:
