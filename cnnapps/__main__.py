@@ -86,8 +86,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from cnnapps.data.root import find_data_root
 
-    if not (args.all or args.speed or args.engine):
-        raise ValueError("bench: say --all (every task's ci benchmark), --speed and/or --engine")
+    if not (args.all or args.speed or args.engine or args.deploy):
+        raise ValueError("bench: say --all (every task's ci benchmark), --speed, --engine and/or --deploy")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
     status = 0
     if args.all:
@@ -114,7 +114,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from cnnapps.bench.engine import run_engine_bench
 
         print(f"wrote {run_engine_bench(find_data_root(args.data_dir), args.results, quick=args.quick)}")
+    if args.deploy:
+        from cnnapps.bench.deploy import run_deploy
+
+        print(f"wrote {run_deploy(args.results, quick=args.quick)} (deployment section)")
     return status
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint (ONNX or torch.export) with its preprocessing JSON; check it against eager outputs."""
+    import logging
+
+    from cnnapps.backbones import PretrainedError
+    from cnnapps.data.root import find_data_root
+    from cnnapps.engine.checkpoint import CheckpointError
+    from cnnapps.engine.config import ConfigError
+    from cnnapps.export import ExportError, export_checkpoint
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", force=True)
+    try:
+        root = None if args.input else find_data_root(args.data_dir)
+        result = export_checkpoint(args.checkpoint, args.format, args.out, data_root=root, examples=args.examples,
+                                   input_file=args.input, tolerance=args.tolerance)
+    except (ExportError, CheckpointError, ConfigError, PretrainedError, FileNotFoundError) as err:
+        print(f"cnnapps export: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
 
 
 def cmd_soup(args: argparse.Namespace) -> int:
@@ -260,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", action="store_true", help="write results/speed.md (ours against torchvision, ...)")
     p.add_argument("--engine", action="store_true",
                    help="our Trainer against a bare loop and Lightning, same model and steps (results/speed.md)")
-    p.add_argument("--quick", action="store_true", help="--speed / --engine with fewer models, steps and repeats")
+    p.add_argument("--deploy", action="store_true",
+                   help="eager vs torch.compile vs ONNX Runtime on the CPU: the deployment section of results/speed.md")
+    p.add_argument("--quick", action="store_true",
+                   help="--speed / --engine / --deploy with fewer models, steps and repeats")
     p.add_argument("--tasks", nargs="*", default=[], help="only these tasks (default: all installed)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: each config's)")
     p.add_argument("--data-dir", default=None)
@@ -276,6 +305,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None)
     p.add_argument("--name", default="soup", help="results file stem")
     p.set_defaults(func=cmd_soup)
+
+    p = sub.add_parser("export", help="a checkpoint as ONNX or torch.export, checked against the eager model")
+    p.add_argument("--checkpoint", required=True, help="a cnnapps checkpoint of any task (e.g. runs/.../best.pt)")
+    p.add_argument("--format", required=True, choices=["onnx", "exported"],
+                   help="onnx (dynamo exporter, run with ONNX Runtime; the `export` extra) or exported (.pt2)")
+    p.add_argument("--out", default=None, help="output file (default: the checkpoint's path with .onnx / .pt2); "
+                                               "the preprocessing JSON is written beside it as FILE.json")
+    p.add_argument("--data-dir", default=None, help="data root for the task's test examples")
+    p.add_argument("--examples", type=int, default=8, help="test examples to check the export on (default 8)")
+    p.add_argument("--input", default=None, help="check on this NumPy batch (.npy, the model's input layout) "
+                                                 "instead of the task's test examples")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest |exported - eager| allowed, relative to the outputs' largest magnitude (>= 1)")
+    p.set_defaults(func=cmd_export)
 
     add_understand_parsers(sub)
     return parser

@@ -10,10 +10,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from cnnapps.engine.config import TrainConfig
 from cnnapps.metrics.base import Metric
+
+
+# the names a batch dict's model input goes by in the built-in tasks (``Task.example_inputs``)
+_INPUT_KEYS = ("x", "input", "image", "wave", "signal")
 
 
 @dataclass
@@ -118,6 +122,33 @@ class Task:
     def speed_measurements(self, data_root: Path | None) -> dict[str, Any]:
         """Task-specific speed numbers for ``bench --speed`` (data pipelines, front ends): {name: value}.
         ``data_root`` is None where no data is present; return what can be measured without it."""
+        return {}
+
+    def example_inputs(self, model: nn.Module, data: DataSplits, count: int = 8) -> torch.Tensor:
+        """Up to ``count`` examples of the test split (else validation, else training) as the one tensor the
+        model's ``forward`` takes in evaluation, e.g. (count, C, H, W); ``cnnapps export`` checks an exported
+        model against eager outputs on them. The default batches the split with ``data.collate_fn`` and takes
+        the batch's first item (a tuple), its input entry (a dict: the first of ``"x"``, ``"input"``, ``"image"``,
+        ``"wave"``, ``"signal"`` it has) or the batch itself (a tensor), passed through
+        ``model.prepare`` where the model has one (nets that take normalised floats from uint8 images).
+        A task whose model takes anything else overrides this; ValueError when there is nothing to take."""
+        dataset = next((d for d in (data.test, data.val, data.train) if d is not None and len(d)), None)
+        if dataset is None:
+            raise ValueError(f"task {self.name!r}: no examples to export with (every split is empty)")
+        batch = next(iter(DataLoader(dataset, batch_size=count, shuffle=False, collate_fn=data.collate_fn)))
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        elif isinstance(batch, dict):
+            batch = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
+        if not isinstance(batch, torch.Tensor):
+            raise ValueError(f"task {self.name!r}: its batches hold no single input tensor to export with")
+        prepare = getattr(model, "prepare", None)
+        return prepare(batch) if callable(prepare) else batch.float()
+
+    def deployment_info(self, cfg: TaskConfig, state: dict[str, Any]) -> dict[str, Any]:
+        """Task-specific facts for the preprocessing JSON that ``cnnapps export`` writes beside a model, beyond
+        the generic ones it reads from the data state (classes, mean/std, image size, sampling rate): e.g. what
+        the outputs mean. Plain JSON values; the default adds nothing."""
         return {}
 
     def report(self, run_dir: Path, metric: Metric, data: DataSplits) -> dict[str, str]:

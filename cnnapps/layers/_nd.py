@@ -9,10 +9,20 @@ from torch import nn
 
 _SUPPORTED_DIMS = (1, 2)
 
+
+class MaxPool1d(nn.MaxPool1d):
+    """``nn.MaxPool1d`` computed as a 2D max pool over (B, C, 1, T): the same numbers, but ``torch.export``
+    keeps the length dynamic, where ``F.max_pool1d`` makes it guard on (specialise to) the example's length."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x.unsqueeze(-2), (1, self.kernel_size), (1, self.stride), (0, self.padding),
+                            (1, self.dilation), self.ceil_mode).squeeze(-2)
+
+
 _LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "conv": (nn.Conv1d, nn.Conv2d),
     "batchnorm": (nn.BatchNorm1d, nn.BatchNorm2d),
-    "maxpool": (nn.MaxPool1d, nn.MaxPool2d),
+    "maxpool": (MaxPool1d, nn.MaxPool2d),
     "avgpool": (nn.AvgPool1d, nn.AvgPool2d),
     "adaptive_avgpool": (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d),
     "adaptive_maxpool": (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),

@@ -19,6 +19,7 @@ from cnnapps.engine.config import ConfigError, config_names, dumps_documented, f
 from cnnapps.engine.runfolder import RunFolderError
 from cnnapps.engine.task import Task
 from cnnapps.engine.trainer import TrainingDiverged, evaluate_checkpoints, fit, model_from_checkpoint, resolve_device
+from cnnapps.export import ExportError
 from cnnapps.metrics.base import headline
 from cnnapps.tasks import UnknownTaskError, get_task
 
@@ -27,7 +28,7 @@ log = logging.getLogger("cnnapps")
 # What a user can mend: printed as one line, exit status 2. Anything else is a bug of ours: one line too (the
 # traceback with CNNAPPS_DEBUG=1), exit status 1.
 USER_ERRORS = (ConfigError, CheckpointError, TrainingDiverged, RunFolderError, UnknownTaskError, FileNotFoundError,
-               ValueError)
+               ValueError, ExportError)
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -76,7 +77,10 @@ def build_parser(task: Task, prog: str | None = None) -> argparse.ArgumentParser
 
     pr = sub.add_parser("predict", help="predictions for input files as JSON lines (input, task fields, picture, "
                                         "error)")
-    pr.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint this task wrote")
+    source = pr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a checkpoint this task wrote")
+    source.add_argument("--onnx", type=Path, help="an exported model (`cnnapps export`: .onnx, or .pt2) run "
+                                                  "without the eager model; its FILE.json gives the preprocessing")
     pr.add_argument("inputs", nargs="+", help="input files (or records)")
     pr.add_argument("--out", type=Path, help="folder (or .png file, for one input) for the pictures the task draws")
     pr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -163,10 +167,16 @@ def cmd_evaluate(task: Task, args: argparse.Namespace) -> int:
 
 
 def cmd_predict(task: Task, args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    model, cfg, state = model_from_checkpoint(task, args.checkpoint, device)
+    if args.onnx is not None:
+        from cnnapps.export import exported_for_task
+
+        device = resolve_device("cpu")
+        model, cfg, state = exported_for_task(task, args.onnx)
+    else:
+        device = resolve_device(args.device)
+        model, cfg, state = model_from_checkpoint(task, args.checkpoint, device)
     extra = {k: v for k, v in vars(args).items()
-             if k not in {"command", "checkpoint", "inputs", "out", "device", "quiet"}}
+             if k not in {"command", "checkpoint", "onnx", "inputs", "out", "device", "quiet"}}
     failed = 0
     for row in task.predict(model, list(args.inputs), state, cfg, device, out_dir=args.out, **extra):
         failed += "error" in row

@@ -1,0 +1,172 @@
+"""Deployment: every registered backbone through torch.export (dynamic batch; dynamic spatial size where torch
+allows it) and the ONNX dynamo exporter, compared with eager; `cnnapps export` on ECG, audio and image
+checkpoints (files, preprocessing JSON, parity); `predict --onnx` giving the checkpoint's predictions."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cnnapps.__main__ import main as cnnapps_main
+from cnnapps.backbones import backbone_info, create_backbone, list_backbones
+from cnnapps.export import (OnnxModule, check_parity, export_model, export_program, meta_path_for, read_meta,
+                            save_program, total_stride)
+from conftest import ci_config
+
+# Where torch.export cannot keep the spatial size dynamic (checked: the export must say so, with a reason):
+# LeNet-5's head needs a 1x1 C5 map (32x32 input); the AlexNet-style nets pool adaptively to a 6x6 grid from
+# maps that torch specialises at these small sizes.
+FIXED_SIZE = {"lenet5", "alexnet", "alexnet_tv", "zfnet"}
+SMALL = {"hannun34_1d": {"width": 8}, "nin": {"width": 48}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # ONNX translation is single-threaded; one intra-op thread keeps the eager sides from fighting over 2 cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _example(name: str, model: torch.nn.Module, batch: int) -> torch.Tensor:
+    info = backbone_info(name)
+    stride = total_stride(model)
+    # two strides' worth (the dynamic minimum) or the family's smallest input, whichever is larger
+    size = [max(2 * stride, -(-s // stride) * stride) for s in info.min_input[1:]]
+    if name in FIXED_SIZE:
+        size = list(info.default_input[1:]) if name == "lenet5" else [96] * info.dim
+    return torch.randn(batch, info.min_input[0], *size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_backbone_exports_and_matches_eager(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_backbone(name, **SMALL.get(name, {})).eval()
+    x = _example(name, model, 2)
+    program, spec = export_program(model, x)
+    assert spec.shape[0] == "batch" and "batch" in spec.dynamic
+    spatial = ["length"] if model.dim == 1 else ["height", "width"]
+    if name in FIXED_SIZE:
+        assert set(spec.fixed) == set(spatial) and spec.why_fixed, spec
+    else:
+        assert set(spec.dynamic) == {"batch", *spatial}, spec
+    # another batch size, and a bigger spatial size where it is dynamic: the program and eager agree
+    inputs = [torch.cat([x, x[:1]])]
+    if not spec.fixed:
+        stride = total_stride(model)
+        grown = inputs[0]
+        for axis in range(2, x.dim()):
+            grown = torch.cat([grown, grown.narrow(axis, 0, stride)], dim=axis)
+        inputs.append(grown)
+    exported = check_parity(program.module(), model, inputs, tolerance=1e-5)
+    assert exported.passed and exported.label_agreement == 1.0, exported
+    onnx_file = save_program(program, "onnx", tmp_path / f"{name}.onnx", optimize=False)
+    onnx = check_parity(OnnxModule(onnx_file), model, inputs, tolerance=1e-4)
+    assert onnx.passed, onnx
+    assert [list(t.shape) for t in inputs] == onnx.shapes
+
+
+def test_export_model_writes_the_json_and_refuses_a_bad_tolerance(tmp_path):
+    model = create_backbone("resnet18_1d", num_classes=3)
+    x = torch.randn(3, 1, 256)
+    result = export_model(model, x, "exported", tmp_path / "r.pt2", preprocessing={"sample_rate": 200})
+    meta = read_meta(result.path)
+    assert meta["input"]["shape"] == ["batch", 1, "32*k"] and meta["preprocessing"] == {"sample_rate": 200}
+    assert meta["parity"]["passed"] and meta["parity"]["shapes"] == [[3, 1, 256], [3, 1, 224]]
+    assert "length: multiples of 32" in result.summary()
+    from cnnapps.export import ExportError
+
+    with pytest.raises(ExportError, match="differ from eager"):
+        export_model(model, x, "exported", tmp_path / "s.pt2", tolerance=-1.0)
+
+
+# ------------------------------------------------------------------ checkpoints of the tasks
+
+
+@pytest.fixture(scope="session")
+def checkpoints(data_root, tmp_path_factory):
+    """Tiny checkpoints of three tasks: each ci config for 2 steps of one epoch (seconds; the metrics are noise,
+    the export does not care)."""
+    from cnnapps.engine.trainer import fit
+    from cnnapps.tasks import get_task
+
+    out = {}
+    root = tmp_path_factory.mktemp("export_ckpt")
+    for name in ("classify", "ecg", "audio"):
+        task = get_task(name)
+        cfg = ci_config(task, "train.epochs=1", "train.max_steps_per_epoch=2", "train.threads=1")
+        fit(task, cfg, root / name, data_root, quiet=True)
+        out[name] = root / name / "checkpoints" / "best.pt"
+    return out
+
+
+@pytest.mark.parametrize("task,fmt", [("classify", "onnx"), ("ecg", "onnx"), ("audio", "onnx"),
+                                      ("ecg", "exported")])
+def test_cnnapps_export_on_task_checkpoints(checkpoints, data_root, tmp_path, capsys, task, fmt):
+    out = tmp_path / f"{task}.{'onnx' if fmt == 'onnx' else 'pt2'}"
+    rc = cnnapps_main(["export", "--checkpoint", str(checkpoints[task]), "--format", fmt, "--out", str(out),
+                       "--data-dir", str(data_root), "--examples", "4"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert out.is_file() and "largest |exported - eager|" in printed and "predicted labels agree" in printed
+    meta = json.loads(meta_path_for(out).read_text())
+    pre, parity = meta["preprocessing"], meta["parity"]
+    assert meta["task"] == task and parity["passed"] and parity["label_agreement"] >= 0.99
+    assert parity["shapes"][0][0] == 4 and pre["classes"] and pre["num_classes"] == len(pre["classes"])
+    shape = meta["input"]["shape"]
+    if task == "classify":  # LeNet-5 on 32x32 MNIST digits: fixed size, said with the reason
+        assert shape == ["batch", 1, 32, 32] and meta["input"]["why_fixed"] and pre["input_size"] == [1, 32, 32]
+        assert len(pre["mean"]) == 1 and len(pre["std"]) == 1
+    elif task == "ecg":  # any length that is a multiple of the 256-sample label step
+        assert shape == ["batch", 1, "256*k"] and pre["sample_rate"] == 200 and pre["data"]["step"] == 256
+        assert len(parity["shapes"]) == 2 and parity["shapes"][1][-1] < parity["shapes"][0][-1]
+    else:  # waveforms of the model's clip length, the log-mel front end inside the exported graph
+        assert shape == ["batch", pre["input_samples"]] and pre["sample_rate"] == 8000
+
+
+def test_export_errors_are_one_line(checkpoints, tmp_path, capsys):
+    rc = cnnapps_main(["export", "--checkpoint", str(tmp_path / "absent.pt"), "--format", "onnx"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("cnnapps export: error:") and "absent.pt" in err and "\n" not in err
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 3, 7, 7), np.float32))  # not what LeNet-5 takes
+    rc = cnnapps_main(["export", "--checkpoint", str(checkpoints["classify"]), "--format", "exported",
+                       "--input", str(bad), "--out", str(tmp_path / "x.pt2")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("cnnapps export: error:") and "\n" not in err
+
+
+def _predict(task: str, argv: list[str], capsys) -> list[dict]:
+    from cnnapps.tasks.cli import main as task_main
+
+    assert task_main(task, ["predict", *argv, "--quiet"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_predict_with_an_exported_model_gives_the_checkpoints_predictions(checkpoints, data_root, tmp_path,
+                                                                          capsys):
+    from cnnapps.tasks.ecg.prepare import mitdb_source
+
+    image = sorted((data_root / "pennfudan" / "images").glob("*.jpg"))[0]
+    record = str(mitdb_source(data_root).record_dir / "100")
+    for task, inputs in (("classify", [str(image)]), ("ecg", [record])):
+        out = tmp_path / f"{task}.onnx"
+        assert cnnapps_main(["export", "--checkpoint", str(checkpoints[task]), "--format", "onnx", "--out",
+                             str(out), "--data-dir", str(data_root), "--examples", "2"]) == 0
+        capsys.readouterr()
+        eager = _predict(task, ["--checkpoint", str(checkpoints[task]), *inputs], capsys)
+        onnx = _predict(task, ["--onnx", str(out), *inputs], capsys)
+        assert len(eager) == len(onnx) == len(inputs)
+        for a, b in zip(eager, onnx):
+            assert a["label"] == b["label"] and "error" not in b
+            pa = a.get("probability", None) or max(a["probabilities"].values())
+            pb = b.get("probability", None) or max(b["probabilities"].values())
+            assert pa == pytest.approx(pb, abs=1e-3)
+    # an export of another task is refused in one line
+    from cnnapps.tasks.cli import main as task_main
+
+    assert task_main("audio", ["predict", "--onnx", str(tmp_path / "ecg.onnx"), record, "--quiet"]) == 2
+    assert "not 'audio'" in capsys.readouterr().err
