@@ -145,8 +145,7 @@ def export_program(model: nn.Module, example: torch.Tensor,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.export.export(model, (example,), dynamic_shapes={INPUT_NAME: shapes}
-                                              if _forward_arg(model) == INPUT_NAME else (shapes,))
+                program = torch.export.export(model, (example,), dynamic_shapes=(shapes,))
             if len(shapes) > 1:
                 _probe_other_size(model, program, example, list(shapes)[1:], stride)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a specialised guard
@@ -167,6 +166,9 @@ def export_program(model: nn.Module, example: torch.Tensor,
                 if axis in spatial_axes:
                     spec.fixed[name] = int(example.shape[axis])
         spec.shape.insert(0, "batch")
+        if example.dim() == 2:  # (batch, length): a waveform or feature vector with no stride to grow by
+            spec.fixed["length"] = int(example.shape[1])
+            why = why or "the model takes (batch, length) inputs and no feature_info says how the length may vary"
         spec.why_fixed = why if spec.fixed else ""
         return program, spec
     raise ExportError(f"torch.export failed for {type(model).__name__}: {_first_guard(last_exc)}")
@@ -186,18 +188,11 @@ def _probe_other_size(model: nn.Module, program: torch.export.ExportedProgram, e
         raise ExportError("the exported program gives another output shape at a new size")
 
 
-def _forward_arg(model: nn.Module) -> str:
-    import inspect
-
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return params[0].name if params else INPUT_NAME
-
-
 def save_program(program: torch.export.ExportedProgram, fmt: str, path: str | os.PathLike,
                  optimize: bool = True) -> Path:
     """Write ``program`` as ``fmt``: ``exported`` (``torch.export.save``, a .pt2 file) or ``onnx`` (the dynamo
-    exporter, the graph's input named ``x``; ``optimize`` runs onnxscript's graph optimiser). Returns the path."""
+    exporter, the graph's input named ``x`` and its output ``output``; ``optimize`` runs onnxscript's graph
+    optimiser). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "exported":
@@ -211,7 +206,7 @@ def save_program(program: torch.export.ExportedProgram, fmt: str, path: str | os
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(program, f=None, dynamo=True, optimize=optimize, verbose=False,
-                                         input_names=[INPUT_NAME])
+                                         input_names=[INPUT_NAME], output_names=["output"])
         onnx_program.save(str(path))
     return path
 
@@ -459,3 +454,16 @@ def exported_for_task(task: Any, path: str | os.PathLike) -> tuple[Callable, Any
     except (ConfigError, KeyError) as exc:
         raise ExportError(f"{meta_path_for(path)}: its config does not fit task {task.name!r}: {exc}") from None
     return load_exported(path), cfg, dict(meta.get("data_state") or {})
+
+
+def load_pretrained_cfg(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The preprocessing metadata of a cnnapps checkpoint, timm-style (``task``, ``classes``, ``num_classes``,
+    ``mean`` / ``std``, ``input_size`` or ``sample_rate`` / ``input_samples``, other data settings under
+    ``data``, ``backbone``) plus where it came from (``source``, ``sha256``, ``epoch``): what a model loaded from
+    the checkpoint should carry as ``pretrained_cfg``. CheckpointError for an unreadable file."""
+    from cnnapps.backbones._pretrained import file_sha256
+    from cnnapps.engine.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    return {**preprocessing_from_checkpoint(payload), "source": str(checkpoint), "sha256": file_sha256(checkpoint),
+            "epoch": payload.get("epoch")}

@@ -231,3 +231,23 @@ def test_global_pool_on_1d_and_googlenet():
     assert hannun(torch.randn(2, 1, 64)).shape == (2, hannun.num_features)
     g = create_backbone("googlenet", global_pool="max", num_classes=4).eval()
     assert isinstance(g.global_pool, SelectAdaptivePool) and g(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_segmentation_takes_output_stride():
+    from cnnapps.engine.config import ConfigError, load_config
+    from cnnapps.engine.task import DataSplits
+    from cnnapps.tasks.segment.task import SegmentConfig, SegmentTask
+
+    task = SegmentTask()
+    state = {"mode": "semantic", "class_names": ["background", "person"], "image_size": 96,
+             "mean": [0.5] * 3, "std": [0.25] * 3}
+    data = DataSplits(None, None, None, state=state)
+    for name, reductions in (("ci", [2, 4, 8, 16, 32]), ("ci_os8", [2, 4, 8, 8, 8])):
+        cfg = load_config(SegmentConfig, name, [], search=task.config_dir())
+        net = task.build_model(cfg, data).eval()
+        assert net.backbone.feature_info.reduction() == reductions
+        with torch.no_grad():
+            assert net(torch.randn(1, 3, 96, 96)).shape == (1, 2, 96, 96)
+    cfg = load_config(SegmentConfig, "ci_os8", ["model.backbone=vgg11"], search=task.config_dir())
+    with pytest.raises(ConfigError, match="output_stride"):
+        task.build_model(cfg, data)

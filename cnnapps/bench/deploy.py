@@ -122,16 +122,18 @@ def measure_deployment(repeats: int = 15, threads: int | None = None, batches: t
                         row["error"] = runners[name]
                     rows.append(row)
                     log.info("%s", row)
-    return {"threads": threads, "repeats": repeats, "rows": rows, "agreement": agreement}
+    return {"threads": threads, "repeats": repeats, "batches": list(batches), "rows": rows, "agreement": agreement}
 
 
 def format_deployment(d: dict) -> list[str]:
     """The Markdown lines of the deployment section of results/speed.md."""
     f = d.get("facts", {})
+    small, big = d.get("batches", [1, 32])
     lines = ["## Deployment: eager, torch.compile and ONNX Runtime on the CPU", "",
-             "Written by `python -m cnnapps bench --deploy`. Batch 1 is latency (ms per call), batch 32 throughput "
-             f"(examples/s); median of {d['repeats']} turns after 3 warm-up calls, the three runtimes timed in "
-             f"alternation in one process with {d['threads']} threads each; a batch-1 turn repeats calls for at "
+             f"Written by `python -m cnnapps bench --deploy`. Batch {small} is latency (ms per call), batch {big} "
+             f"throughput (examples/s); median of {d['repeats']} turns after 3 warm-up calls, the three runtimes "
+             f"timed in alternation in one process with {d['threads']} thread(s) each; a batch-1 turn repeats calls "
+             "for at "
              "least 50 ms and counts their mean. `vs eager` above 1.0 means faster than eager. ONNX models come "
              "from `cnnapps.export` (dynamo exporter, onnxscript optimiser), run by ONNX Runtime's CPU provider.",
              "",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cnnapps.engine.config import TrainConfig
+from cnnapps.engine.config import TrainConfig, option
 from cnnapps.engine.task import TaskConfig
 
 
@@ -32,6 +32,8 @@ class SegmentModel:
     backbone: str = "resnet18"
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments of the backbone
     decoder: str = "unet"  # semantic: fcn | unet
+    output_stride: int = option(32, choices=(8, 16, 32), help="ResNet backbones: 16 or 8 replace the last stages' "
+                                "strides by dilation, so the decoder gets finer deep maps (at more compute)")
     decoder_channels: int = 128  # unet: width of the deepest fusion block (halved per shallower one); fcn: width
     fcn_skips: int = 2  # fcn: 0 = FCN-32s-like, 1 = FCN-16s, 2 = FCN-8s on a stride-32 backbone
     drop: float = 0.1  # dropout before the 1x1 class scores

@@ -120,7 +120,13 @@ class SemanticMode(SegmentMode):
         if m.decoder not in DECODERS:
             raise ConfigError(f"model.decoder: unknown {m.decoder!r} ({', '.join(DECODERS)})")
         s = data.state
-        backbone = create_backbone(m.backbone, features_only=True, in_chans=3, **m.kwargs)
+        kwargs = dict(m.kwargs, **({"output_stride": m.output_stride} if m.output_stride != 32 else {}))
+        try:
+            backbone = create_backbone(m.backbone, features_only=True, in_chans=3, **kwargs)
+        except TypeError as exc:
+            if "output_stride" in kwargs and "output_stride" in str(exc):
+                raise ConfigError(f"model.output_stride applies to ResNet backbones, not {m.backbone}") from None
+            raise
         kw: dict[str, Any] = {"channels": m.decoder_channels, "drop": m.drop}
         if m.decoder == "fcn":
             kw["skips"] = m.fcn_skips
