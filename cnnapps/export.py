@@ -86,7 +86,8 @@ class ExportResult:
         fixed = ", ".join(f"{k} = {v}" for k, v in self.input.fixed.items())
         p = self.parity
         head = f"input {self.input.name} {self.input.shape} {self.input.dtype}; dynamic {dyn or 'none'}"
-        lines = [f"wrote {self.path} ({self.format}) and {self.meta_path}", head + (f"; fixed {fixed}" if fixed else "")]
+        lines = [f"wrote {self.path} ({self.format}) and {self.meta_path}",
+                 head + (f"; fixed {fixed}" if fixed else "")]
         if self.input.why_fixed:
             lines.append(f"  fixed: at another size {self.input.why_fixed}")
         lines.append(f"parity on {len(p.shapes)} input(s) {p.shapes}: largest |exported - eager| = "
@@ -189,10 +190,11 @@ def _probe_other_size(model: nn.Module, program: torch.export.ExportedProgram, e
 
 
 def save_program(program: torch.export.ExportedProgram, fmt: str, path: str | os.PathLike,
-                 optimize: bool = True) -> Path:
+                 optimize: bool = True, external_data: bool | None = None) -> Path:
     """Write ``program`` as ``fmt``: ``exported`` (``torch.export.save``, a .pt2 file) or ``onnx`` (the dynamo
     exporter, the graph's input named ``x`` and its output ``output``; ``optimize`` runs onnxscript's graph
-    optimiser). Returns the path."""
+    optimiser; ``external_data`` keeps the weights in ``FILE.data`` beside it, by default only where protobuf's
+    2 GB limit needs it). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "exported":
@@ -207,7 +209,9 @@ def save_program(program: torch.export.ExportedProgram, fmt: str, path: str | os
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(program, f=None, dynamo=True, optimize=optimize, verbose=False,
                                          input_names=[INPUT_NAME], output_names=["output"])
-        onnx_program.save(str(path))
+        if external_data is None:
+            external_data = sum(t.numel() * t.element_size() for t in program.state_dict.values()) > 1.8e9
+        onnx_program.save(str(path), external_data=external_data)
     return path
 
 

@@ -21,6 +21,8 @@ from cnnapps.layers import SqueezeExcite, create_conv
 
 ALL = list_backbones()
 TORCHVISION_TWINS = [n for n in ALL if n.startswith(("vgg", "resnet")) and hasattr(torchvision.models, n)]
+# torchvision's layouts of the nets whose registry entries follow the papers instead
+TORCHVISION_TWINS += ["alexnet_tv", "googlenet_tv"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,7 +52,8 @@ def _n_params(model: nn.Module) -> int:
 def test_zoo_lists_every_family_with_metadata():
     expected = {"lenet5", "alexnet", "zfnet", "nin", "googlenet", "hannun34_1d", "resnet18_1d", "resnet34_1d",
                 *(f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")),
-                *(f"resnet{d}" for d in (18, 34, 50, 101, 152)), "seresnet18", "seresnet34", "seresnet50"}
+                *(f"resnet{d}" for d in (18, 34, 50, 101, 152)), "seresnet18", "seresnet34", "seresnet50",
+                "alexnet_tv", "googlenet_tv"}
     assert expected <= set(ALL)
     assert set(list_backbones(dim=1)) == {"hannun34_1d", "resnet18_1d", "resnet34_1d"}
     assert list_backbones("vgg16*") == ["vgg16", "vgg16_bn"]
@@ -183,7 +186,8 @@ def _randomize_(model: nn.Module, seed: int = 0) -> None:
 @pytest.mark.parametrize("name", TORCHVISION_TWINS)
 def test_torchvision_state_dict_loads_and_outputs_match(name):
     with torch.device("meta"):
-        theirs = getattr(torchvision.models, name)()
+        theirs = getattr(torchvision.models, name.removesuffix("_tv"))(
+            **({"aux_logits": False, "init_weights": False} if name == "googlenet_tv" else {}))
         ours = create_backbone(name)
     theirs = theirs.to_empty(device="cpu")
     _randomize_(theirs)

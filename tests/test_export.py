@@ -16,9 +16,9 @@ from cnnapps.export import (OnnxModule, check_parity, export_model, export_progr
 from conftest import ci_config
 
 # Where torch.export cannot keep the spatial size dynamic (checked: the export must say so, with a reason):
-# LeNet-5's head needs a 1x1 C5 map (32x32 input); the AlexNet-style nets pool adaptively to a 6x6 grid from
-# maps that torch specialises at these small sizes.
-FIXED_SIZE = {"lenet5", "alexnet", "alexnet_tv", "zfnet"}
+# LeNet-5's head needs a 1x1 C5 map (32x32 input), and the paper's AlexNet (no padding in conv1) is down to a
+# 1x1 map before its adaptive pool at 96x96 inputs, a size torch specialises.
+FIXED_SIZE = {"lenet5", "alexnet"}
 SMALL = {"hannun34_1d": {"width": 8}, "nin": {"width": 48}}
 
 
@@ -36,7 +36,7 @@ def _example(name: str, model: torch.nn.Module, batch: int) -> torch.Tensor:
     stride = total_stride(model)
     # two strides' worth (the dynamic minimum) or the family's smallest input, whichever is larger
     size = [max(2 * stride, -(-s // stride) * stride) for s in info.min_input[1:]]
-    if name in FIXED_SIZE:
+    if name in ("lenet5", "alexnet", "alexnet_tv", "zfnet"):  # 32x32 for LeNet-5, 96x96 for the AlexNet family
         size = list(info.default_input[1:]) if name == "lenet5" else [96] * info.dim
     return torch.randn(batch, info.min_input[0], *size, generator=torch.Generator().manual_seed(0))
 
@@ -63,7 +63,8 @@ def test_every_backbone_exports_and_matches_eager(name, tmp_path):
         inputs.append(grown)
     exported = check_parity(program.module(), model, inputs, tolerance=1e-5)
     assert exported.passed and exported.label_agreement == 1.0, exported
-    onnx_file = save_program(program, "onnx", tmp_path / f"{name}.onnx", optimize=False)
+    # weights beside the graph: VGG's 500 MB then need no protobuf serialisation (seconds per net)
+    onnx_file = save_program(program, "onnx", tmp_path / f"{name}.onnx", optimize=False, external_data=True)
     onnx = check_parity(OnnxModule(onnx_file), model, inputs, tolerance=1e-4)
     assert onnx.passed, onnx
     assert [list(t.shape) for t in inputs] == onnx.shapes
@@ -103,13 +104,30 @@ def checkpoints(data_root, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("task,fmt", [("classify", "onnx"), ("ecg", "onnx"), ("audio", "onnx"),
-                                      ("ecg", "exported")])
-def test_cnnapps_export_on_task_checkpoints(checkpoints, data_root, tmp_path, capsys, task, fmt):
-    out = tmp_path / f"{task}.{'onnx' if fmt == 'onnx' else 'pt2'}"
-    rc = cnnapps_main(["export", "--checkpoint", str(checkpoints[task]), "--format", fmt, "--out", str(out),
-                       "--data-dir", str(data_root), "--examples", "4"])
-    printed = capsys.readouterr().out
+EXPORTS = [("classify", "onnx"), ("ecg", "onnx"), ("audio", "onnx"), ("ecg", "exported")]
+
+
+@pytest.fixture(scope="session")
+def exports(checkpoints, data_root, tmp_path_factory):
+    """`cnnapps export` run once per (task, format): {(task, fmt): (exit status, what it printed, the file)}."""
+    import contextlib
+    import io
+
+    folder = tmp_path_factory.mktemp("exports")
+    out = {}
+    for task, fmt in EXPORTS:
+        path = folder / f"{task}.{'onnx' if fmt == 'onnx' else 'pt2'}"
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            rc = cnnapps_main(["export", "--checkpoint", str(checkpoints[task]), "--format", fmt, "--out",
+                               str(path), "--data-dir", str(data_root), "--examples", "4"])
+        out[task, fmt] = rc, printed.getvalue(), path
+    return out
+
+
+@pytest.mark.parametrize("task,fmt", EXPORTS)
+def test_cnnapps_export_on_task_checkpoints(exports, task, fmt):
+    rc, printed, out = exports[task, fmt]
     assert rc == 0, printed
     assert out.is_file() and "largest |exported - eager|" in printed and "predicted labels agree" in printed
     meta = json.loads(meta_path_for(out).read_text())
@@ -125,6 +143,7 @@ def test_cnnapps_export_on_task_checkpoints(checkpoints, data_root, tmp_path, ca
         assert len(parity["shapes"]) == 2 and parity["shapes"][1][-1] < parity["shapes"][0][-1]
     else:  # waveforms of the model's clip length, the log-mel front end inside the exported graph
         assert shape == ["batch", pre["input_samples"]] and pre["sample_rate"] == 8000
+        assert meta["input"]["fixed"] == {"length": pre["input_samples"]}
 
 
 def test_export_errors_are_one_line(checkpoints, tmp_path, capsys):
@@ -146,17 +165,14 @@ def _predict(task: str, argv: list[str], capsys) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
 
-def test_predict_with_an_exported_model_gives_the_checkpoints_predictions(checkpoints, data_root, tmp_path,
+def test_predict_with_an_exported_model_gives_the_checkpoints_predictions(checkpoints, exports, data_root,
                                                                           capsys):
     from cnnapps.tasks.ecg.prepare import mitdb_source
 
     image = sorted((data_root / "pennfudan" / "images").glob("*.jpg"))[0]
     record = str(mitdb_source(data_root).record_dir / "100")
     for task, inputs in (("classify", [str(image)]), ("ecg", [record])):
-        out = tmp_path / f"{task}.onnx"
-        assert cnnapps_main(["export", "--checkpoint", str(checkpoints[task]), "--format", "onnx", "--out",
-                             str(out), "--data-dir", str(data_root), "--examples", "2"]) == 0
-        capsys.readouterr()
+        out = exports[task, "onnx"][2]
         eager = _predict(task, ["--checkpoint", str(checkpoints[task]), *inputs], capsys)
         onnx = _predict(task, ["--onnx", str(out), *inputs], capsys)
         assert len(eager) == len(onnx) == len(inputs)
@@ -168,7 +184,7 @@ def test_predict_with_an_exported_model_gives_the_checkpoints_predictions(checkp
     # an export of another task is refused in one line
     from cnnapps.tasks.cli import main as task_main
 
-    assert task_main("audio", ["predict", "--onnx", str(tmp_path / "ecg.onnx"), record, "--quiet"]) == 2
+    assert task_main("audio", ["predict", "--onnx", str(exports["ecg", "onnx"][2]), record, "--quiet"]) == 2
     assert "not 'audio'" in capsys.readouterr().err
 
 

@@ -140,7 +140,8 @@ def create_backbone(
     that fit by name and shape are loaded; the rest (a head of another size, ...) are logged and listed in
     ``model.pretrained_cfg["load"]``. For a checkpoint, ``num_classes`` and ``in_chans`` default to its
     own, and its preprocessing (classes, mean, std, input size or sampling rate) goes into ``pretrained_cfg``.
-    ``pretrained_strict``: raise unless every tensor of the model and of the file was used. Nothing is
+    ``pretrained_strict``: raise unless every tensor of the model came from the file and every file tensor
+    under the matched prefix was used (a task model's own head outside the backbone does not count). Nothing is
     downloaded: ``pretrained=True`` is an error. Raises ``PretrainedError`` for an unusable file.
     """
     info = backbone_info(name)

@@ -96,7 +96,8 @@ class GoogLeNet(Backbone):
     (``googlenet_tv``): BN (eps 1e-3) instead of LRN, 3x3 convs in the "5x5" branch, a 2x2 last max pool,
     dropout 0.2, truncated-normal init and ``transform_input`` (map ImageNet-normalised input to the [-1, 1]
     scaling torchvision's weights were trained on); its parameter names are torchvision's. Max pools round up
-    (Caffe): 224 -> 112 -> 56 -> 28 -> 14 -> 7. An adaptive average pool replaces the 7x7 one, so smaller inputs work (the same at 224).
+    (Caffe): 224 -> 112 -> 56 -> 28 -> 14 -> 7. An adaptive average pool replaces the 7x7 one, so smaller
+    inputs work (the same at 224).
     Stages (``feature_info``): conv1 (64 ch, /2), conv3 (192, /4), 3b (480, /8), 4e (832, /16),
     5b (1024, /32). ``num_features`` = 1024. 6,998,552 parameters and 1.58 G multiply-adds at 224x224 with
     1000 classes (the paper: about 6.8 M and 1.5 G).

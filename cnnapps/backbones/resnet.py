@@ -272,7 +272,7 @@ def _resnet(block: Block, layers: Sequence[int], **kwargs) -> ResNet:
 # blocks stride in the 3x3 conv: the first 1x1 conv of each stage's first block then runs at 4x the resolution
 # (+0.23 G). With ``stride_in_1x1=True`` (the paper's blocks) we measure 3.86 / 7.57 / 11.28 G, which the paper
 # rounds to 3.8 / 7.6 / 11.3. Tests: "gmacs" within 1%, "paper_gmacs" within 8% (v1.5) and 2% (stride_in_1x1).
-_R224 = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_RESNET_PAPER, 
+_R224 = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_RESNET_PAPER,
              pretrained_cfg=IMAGENET_CFG)
 
 
@@ -312,7 +312,7 @@ def _seresnet(block: Block, layers: Sequence[int], se_reduction: int = 16, dim: 
 
 # Hu et al. table 2: SE-ResNet-50 28.1 M parameters, 3.87 GFLOPs (multiply-adds of the original stride-in-1x1
 # blocks; ResNet-50 3.86 there). We measure 28,088,024 parameters and 4.09 G (3.86 G with stride_in_1x1=True).
-_SE224 = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_SE_PAPER, 
+_SE224 = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_SE_PAPER,
              pretrained_cfg=IMAGENET_CFG)
 
 

@@ -121,7 +121,7 @@ def _vgg(cfg: str, batch_norm: bool, **kwargs) -> VGG:
 
 
 # "params" from torchvision's weight metadata; "gmacs" likewise (its GFLOPS are multiply-adds of conv + linear).
-_V = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_PAPER, 
+_V = dict(default_input=(3, 224, 224), min_input=(3, 32, 32), paper=_PAPER,
              pretrained_cfg=IMAGENET_CFG)
 
 

@@ -15,8 +15,11 @@ class MaxPool1d(nn.MaxPool1d):
     keeps the length dynamic, where ``F.max_pool1d`` makes it guard on (specialise to) the example's length."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(x.unsqueeze(-2), (1, self.kernel_size), (1, self.stride), (0, self.padding),
-                            (1, self.dilation), self.ceil_mode).squeeze(-2)
+        if self.return_indices:
+            return super().forward(x)
+        k, s, p, d = (v if isinstance(v, int) else v[0]
+                      for v in (self.kernel_size, self.stride, self.padding, self.dilation))
+        return F.max_pool2d(x.unsqueeze(-2), (1, k), (1, s), (0, p), (1, d), self.ceil_mode).squeeze(-2)
 
 
 _LAYERS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
