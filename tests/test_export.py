@@ -104,7 +104,8 @@ def checkpoints(data_root, tmp_path_factory):
     return out
 
 
-EXPORTS = [("classify", "onnx"), ("ecg", "onnx"), ("audio", "onnx"), ("ecg", "exported")]
+# the .pt2 format's save/load/parity path is test_export_model_writes_the_json's; ONNX here for the three tasks
+EXPORTS = [("classify", "onnx"), ("ecg", "onnx"), ("audio", "onnx")]
 
 
 @pytest.fixture(scope="session")
