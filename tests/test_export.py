@@ -190,17 +190,17 @@ def test_predict_with_an_exported_model_gives_the_checkpoints_predictions(checkp
 
 
 def test_deployment_section_joins_speed_md_without_dropping_the_others(tmp_path):
-    from cnnapps.bench.speed import _write_speed, write_speed_section
+    from cnnapps.bench.deploy import format_deployment
+    from cnnapps.bench.speed import write_section
 
-    side = {"machine": "m", "load_at_start": 0.1, "commit": "abc", "time_utc": "t", "torch": "2", "repeats": 3,
-            "backbones": [], "hannun34_1d": [], "conv_vs_matmul": {"a": 1}, "pipelines": {"b": 2}}
-    _write_speed(side, tmp_path)
+    write_section("engine", {"x": 1}, tmp_path, markdown=["## Engine", "", "engine numbers"])
     deployment = {"repeats": 2, "threads": 2, "batches": [1, 32], "agreement": [], "facts": {"commit": "def"},
                   "rows": [{"model": "lenet5", "runtime": "eager", "batch": 1, "input": "1x1x32x32",
-                            "ms_per_batch": 0.2, "examples_per_s": 5000.0, "vs_eager": 1.0}]}
-    md = write_speed_section("deployment", deployment, tmp_path).read_text()
-    assert "## Backbones against torchvision" in md and "## Deployment" in md and "| lenet5 | 1 |" in md
-    _write_speed({**side, "commit": "ghi"}, tmp_path, keep=("deployment",))  # a later --speed run keeps it
+                            "ms_per_batch": 0.2, "examples_per_s": 5000.0, "vs_eager": 1.0},
+                           {"model": "lenet5", "runtime": "compile", "batch": 1, "input": "1x1x32x32",
+                            "error": "no compiler"}]}
+    md = write_section("deployment", deployment, tmp_path, markdown=format_deployment(deployment)).read_text()
+    assert "engine numbers" in md and "## Deployment" in md and "| lenet5 | 1 | 1x1x32x32 | eager | 0.2 |" in md
+    assert "failed: no compiler" in md and "commit: def" in md
     doc = json.loads((tmp_path / "speed.json").read_text())
-    assert doc["commit"] == "ghi" and doc["deployment"]["facts"]["commit"] == "def"
-    assert "## Deployment" in (tmp_path / "speed.md").read_text()
+    assert set(doc["sections"]) == {"engine", "deployment"}

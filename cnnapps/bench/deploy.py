@@ -2,7 +2,7 @@
 ``cnnapps.export``), latency at batch 1 and throughput at batch 32, for ResNet-18, LeNet-5 and the ECG task's
 default model. The three runtimes are timed in turns in one process (eager, compiled, ORT, eager, ...) so a
 slow spell of a shared machine hits all alike. ``python -m cnnapps bench --deploy`` writes it as the
-"deployment" section of results/speed.md / .json (the other sections stay)."""
+``deployment`` section of results/speed.md / .json (``bench.speed.write_section``: the other sections stay)."""
 from __future__ import annotations
 
 import logging
@@ -154,14 +154,16 @@ def format_deployment(d: dict) -> list[str]:
 
 
 def run_deploy(results_dir: Path | None = None, repeats: int = 15, quick: bool = False) -> Path:
-    """Measure and write the deployment section of results/speed.md / .json; returns the Markdown path."""
+    """Measure and write the ``deployment`` section of results/speed.md / .json (the other sections stay);
+    returns the Markdown path."""
     import onnxruntime
 
+    from cnnapps.bench.speed import write_section
     from cnnapps.engine.runinfo import run_facts
-    from cnnapps.bench.speed import write_speed_section
 
     started = time.perf_counter()
+    facts = run_facts(torch.device("cpu"))  # the commit and time the run started from
     record = measure_deployment(repeats=3 if quick else repeats)
-    record.update({"facts": run_facts(torch.device("cpu")), "onnxruntime": onnxruntime.__version__,
+    record.update({"facts": facts, "onnxruntime": onnxruntime.__version__,
                    "wall_seconds": round(time.perf_counter() - started, 1)})
-    return write_speed_section("deployment", record, results_dir)
+    return write_section("deployment", record, results_dir, markdown=format_deployment(record))
