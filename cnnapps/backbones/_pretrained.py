@@ -129,7 +129,8 @@ def preprocessing_from_checkpoint(payload: Mapping[str, Any]) -> dict[str, Any]:
     where timm has one: ``task``, ``classes``, ``num_classes``, ``mean`` / ``std`` (image normalisation),
     ``input_size`` (channels, H, W for image tasks), ``sample_rate`` and ``input_samples`` (1D tasks), plus any
     other scalar settings of the data state (lead, normalize, step, ...) under ``data``. Values are plain
-    Python (lists, numbers, strings), ready for JSON."""
+    Python (lists, numbers, strings), ready for JSON; other short lists of the data state (lead names,
+    thresholds) go under ``data`` too."""
     state = dict(payload.get("data_state") or {})
     out: dict[str, Any] = {"task": payload.get("task")}
     classes = state.get("class_names", state.get("classes"))
@@ -149,14 +150,23 @@ def preprocessing_from_checkpoint(payload: Mapping[str, Any]) -> dict[str, Any]:
         if state.get(key):
             out["input_samples"] = int(state[key])
             break
-    extra = {k: _plain(v) for k, v in state.items()
-             if isinstance(v, (str, int, float, bool)) and k not in out}
+    extra = {k: _plain(v) for k, v in state.items() if k not in out and _small(v)}
     if extra:
         out["data"] = extra
     cfg = payload.get("config") or {}
     if isinstance(cfg.get("model"), dict) and cfg["model"].get("backbone"):
         out["backbone"] = cfg["model"]["backbone"]
     return out
+
+
+def _small(value: Any) -> bool:
+    """A scalar, or a short flat list of scalars (lead names, per-class thresholds): worth carrying along."""
+    if isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.dim() <= 1 and value.numel() <= 64
+    return isinstance(value, (list, tuple)) and len(value) <= 64 and all(
+        isinstance(v, (str, int, float, bool)) for v in value)
 
 
 def _plain(value: Any) -> Any:
