@@ -11,11 +11,12 @@ _SUPPORTED_DIMS = (1, 2)
 
 
 class MaxPool1d(nn.MaxPool1d):
-    """``nn.MaxPool1d`` computed as a 2D max pool over (B, C, 1, T): the same numbers, but ``torch.export``
-    keeps the length dynamic, where ``F.max_pool1d`` makes it guard on (specialise to) the example's length."""
+    """``nn.MaxPool1d`` that, while ``torch.export`` traces it, runs as a 2D max pool over (B, C, 1, T): the same
+    numbers, but the export keeps the length dynamic, where ``F.max_pool1d`` makes it guard on (specialise to)
+    the example's length. Eager calls stay ``F.max_pool1d`` (what tools that follow torch functions expect)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.return_indices:
+        if self.return_indices or not torch.compiler.is_exporting():
             return super().forward(x)
         k, s, p, d = (v if isinstance(v, int) else v[0]
                       for v in (self.kernel_size, self.stride, self.padding, self.dilation))
