@@ -4,6 +4,8 @@ checkpoints (files, preprocessing JSON, parity); `predict --onnx` giving the che
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,15 +24,6 @@ FIXED_SIZE = {"lenet5", "alexnet"}
 SMALL = {"hannun34_1d": {"width": 8}, "nin": {"width": 48}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # ONNX translation is single-threaded; one intra-op thread keeps the eager sides from fighting over 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _example(name: str, model: torch.nn.Module, batch: int) -> torch.Tensor:
     info = backbone_info(name)
     stride = total_stride(model)
@@ -41,33 +34,67 @@ def _example(name: str, model: torch.nn.Module, batch: int) -> torch.Tensor:
     return torch.randn(batch, info.min_input[0], *size, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name", list_backbones())
-def test_every_backbone_exports_and_matches_eager(name, tmp_path):
+def export_and_compare(name: str, folder: str) -> dict:
+    """torch.export ``name`` (dynamic batch, and spatial size where allowed), then ONNX from the same program;
+    both compared with eager at another batch and (where dynamic) a bigger size. Runs in a worker process."""
+    torch.set_num_threads(1)  # one core per worker: ONNX translation is single-threaded Python anyway
     torch.manual_seed(0)
     model = create_backbone(name, **SMALL.get(name, {})).eval()
     x = _example(name, model, 2)
     program, spec = export_program(model, x)
+    inputs = [torch.cat([x, x[:1]])]
+    if not spec.fixed:
+        grown = inputs[0]
+        for axis in range(2, x.dim()):
+            grown = torch.cat([grown, grown.narrow(axis, 0, total_stride(model))], dim=axis)
+        inputs.append(grown)
+    exported = check_parity(program.module(), model, inputs, tolerance=1e-5)
+    # weights beside the graph: VGG's 500 MB then need no protobuf serialisation (seconds per net)
+    onnx_file = save_program(program, "onnx", Path(folder) / f"{name}.onnx", optimize=False, external_data=True)
+    onnx = check_parity(OnnxModule(onnx_file, threads=1), model, inputs, tolerance=1e-4)
+    return {"dim": model.dim, "spec": spec, "exported": exported, "onnx": onnx,
+            "shapes": [list(t.shape) for t in inputs]}
+
+
+@pytest.fixture(scope="module")
+def registry_exports(request, tmp_path_factory):
+    """``export_and_compare`` for every registered backbone the session runs the test of, two at a time in worker
+    processes (the exporters are single-threaded, so this halves the wall time on two cores): {name: result, or
+    the exception}."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder = str(tmp_path_factory.mktemp("registry_onnx"))
+    workers = max(1, min(2, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        selected = [item.callspec.params["name"] for item in request.session.items
+                    if getattr(item, "originalname", "") == "test_every_backbone_exports_and_matches_eager"]
+        futures = {name: pool.submit(export_and_compare, name, folder) for name in selected}
+        out = {}
+        for name, future in futures.items():
+            try:
+                out[name] = future.result()
+            except Exception as exc:  # noqa: BLE001 - the test of that backbone reports it
+                out[name] = exc
+    return out
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_every_backbone_exports_and_matches_eager(registry_exports, name):
+    result = registry_exports[name]
+    if isinstance(result, Exception):
+        raise result
+    spec = result["spec"]
     assert spec.shape[0] == "batch" and "batch" in spec.dynamic
-    spatial = ["length"] if model.dim == 1 else ["height", "width"]
+    spatial = ["length"] if result["dim"] == 1 else ["height", "width"]
     if name in FIXED_SIZE:
         assert set(spec.fixed) == set(spatial) and spec.why_fixed, spec
     else:
         assert set(spec.dynamic) == {"batch", *spatial}, spec
-    # another batch size, and a bigger spatial size where it is dynamic: the program and eager agree
-    inputs = [torch.cat([x, x[:1]])]
-    if not spec.fixed:
-        stride = total_stride(model)
-        grown = inputs[0]
-        for axis in range(2, x.dim()):
-            grown = torch.cat([grown, grown.narrow(axis, 0, stride)], dim=axis)
-        inputs.append(grown)
-    exported = check_parity(program.module(), model, inputs, tolerance=1e-5)
+        assert len(result["shapes"]) == 2  # compared at a size the export was not traced at, too
+    exported, onnx = result["exported"], result["onnx"]
     assert exported.passed and exported.label_agreement == 1.0, exported
-    # weights beside the graph: VGG's 500 MB then need no protobuf serialisation (seconds per net)
-    onnx_file = save_program(program, "onnx", tmp_path / f"{name}.onnx", optimize=False, external_data=True)
-    onnx = check_parity(OnnxModule(onnx_file), model, inputs, tolerance=1e-4)
-    assert onnx.passed, onnx
-    assert [list(t.shape) for t in inputs] == onnx.shapes
+    assert onnx.passed and onnx.shapes == result["shapes"], onnx
 
 
 def test_export_model_writes_the_json_and_refuses_a_bad_tolerance(tmp_path):
