@@ -65,10 +65,15 @@ def evaluate(checkpoint: PathLike | Sequence[PathLike], split: str = "test", dat
 
 
 def load_model(checkpoint: PathLike, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model of a checkpoint in eval mode, and its preprocessing: ``{"task", "config", ...}`` plus
-    everything the task fitted on its training data (class names, sampling rate, normalisation, ...)."""
+    """The trained model of a checkpoint in eval mode, and its preprocessing: ``{"task", "config",
+    "pretrained_cfg", ...}`` plus everything the task fitted on its training data (class names, sampling rate,
+    normalisation, ...). ``pretrained_cfg`` holds the timm-style facts (classes, mean/std, input size or sampling
+    rate, where the weights came from) and is also set on the model as ``model.pretrained_cfg``."""
+    from cnnapps.engine.config import to_dict
+    from cnnapps.export import load_pretrained_cfg
+
     task = _checkpoint_task(checkpoint)
     model, cfg, state = model_from_checkpoint(task, checkpoint, device)
-    from cnnapps.engine.config import to_dict
-
-    return model, {"task": task.name, "config": to_dict(cfg), **state}
+    facts = load_pretrained_cfg(checkpoint)
+    model.pretrained_cfg = facts
+    return model, {"task": task.name, "config": to_dict(cfg), "pretrained_cfg": facts, **state}

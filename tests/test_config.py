@@ -59,3 +59,8 @@ def test_written_toml_reads_back_equal(tmp_path):
     path.write_text(dumps_toml(to_dict(cfg)))
     assert load_config(Cfg, path) == cfg
     assert from_dict(Cfg, to_dict(cfg)) == cfg
+
+
+def test_set_takes_a_quoted_toml_string_as_the_text_inside():
+    for value in ("vgg11", '"vgg11"', "'vgg11'"):
+        assert load_config(Cfg, None, [f"data.name={value}"]).data.name == "vgg11"

@@ -231,3 +231,13 @@ def test_deployment_section_joins_speed_md_without_dropping_the_others(tmp_path)
     assert "failed: no compiler" in md and "commit: def" in md
     doc = json.loads((tmp_path / "speed.json").read_text())
     assert set(doc["sections"]) == {"engine", "deployment"}
+
+
+def test_load_model_gives_the_model_with_its_preprocessing(checkpoints):
+    import cnnapps
+
+    for task, path in checkpoints.items():
+        model, pre = cnnapps.load_model(path)
+        assert pre["task"] == task and not model.training
+        assert model.pretrained_cfg == pre["pretrained_cfg"] and pre["pretrained_cfg"]["source"] == str(path)
+        assert pre["pretrained_cfg"]["num_classes"] == len(pre["pretrained_cfg"]["classes"])

@@ -205,7 +205,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
-            return value
+            # --set model.backbone='"vgg11"' (a TOML string literal) means the text inside the quotes
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
+            text = literal(value) if quoted else value
+            return text if isinstance(text, str) else value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
