@@ -152,13 +152,6 @@ class RunFolder:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
     # ---- files
-    def file(self, name: str) -> Path:
-        return self.path / name
-
     def write_text(self, name: str, text: str) -> Path:
         """Atomically write ``name`` inside the folder."""
         return write_atomic(self.path / name, text)
-
-    def existing(self, *names: str) -> list[str]:
-        """Those of ``names`` (relative paths) that exist in the folder, in order."""
-        return [n for n in names if (self.path / n).exists()]
