@@ -123,3 +123,22 @@ def test_bench_section_names_the_network_split_and_confusion(tmp_path, data_root
     doc = json.loads(md.with_suffix(".json").read_text())
     assert set(doc["runs"]) == {"ci", "ci@seed1"}
     assert "Repeated runs" in md.read_text()
+
+
+def test_hannun_config_trains_as_the_authors_code():
+    """awni/ecg: Adam 1e-3, clipnorm 1, batch 32, no augmentation, LR / 10 after 2 epochs and a stop after 8
+    without a lower validation loss; 16 blocks, 33 convolutions, 32 -> 256 filters."""
+    from cnnapps.engine.task import DataSplits
+    from cnnapps.tasks.ecg.bench import describe_network
+    from cnnapps.tasks.ecg.task import _settings
+
+    cfg = load_config(ECGConfig, "hannun", search=ECGTask.config_dir())
+    t, d = cfg.train, cfg.data
+    assert (t.optimizer, t.lr, t.batch_size, t.grad_clip) == ("adam", 1e-3, 32, 1.0)
+    assert (t.schedule, t.gamma, t.plateau_patience, t.monitor, t.early_stop_patience) == \
+        ("plateau", 0.1, 2, "loss", 8)
+    assert not d.augment and not d.time_shift and d.aug_flip == 0 and d.class_weighting == "none"
+    assert d.window >= 61 * 200  # the longest CinC record (61 s) whole
+    net = describe_network(ECGTask().build_model(cfg, DataSplits(None, None, None, state=_settings(cfg, None))))
+    assert (net["blocks"], net["convs"], net["first_filters"], net["last_filters"]) == (16, 33, 32, 256)
+    assert 10.4e6 < net["parameters"] < 10.5e6

@@ -2,7 +2,7 @@
 exactly our CinC 2017 split and training windows, for a fixed training time on the same machine, and scored by our
 metric code (``ECGMetrics``: record-level challenge F1 from the mean probability).
 
-torch_ecg is an optional benchmark extra (``pip install cnnapps[peer]``, installed without its torch pin), never a
+torch_ecg is an optional benchmark extra (``pip install 'cnnapps[bench]'``, installed without its torch pin), never a
 runtime dependency: this module imports it only when a peer is built.
 
 Usage: ``python -m cnnapps.tasks.ecg.peer --peer cpu --seconds 900`` writes the run as a section of results/ecg.md
@@ -65,7 +65,7 @@ def _torch_ecg() -> Any:
         from torch_ecg.models import ECG_CRNN
     except ImportError as exc:
         raise ConfigError(f"the torch_ecg peer needs torch_ecg and its runtime dependencies (pip install "
-                          f"'cnnapps[peer]'): {exc}") from None
+                          f"'cnnapps[bench]'): {exc}") from None
     return ECG_CRNN, ECG_CRNN_CONFIG
 
 
