@@ -109,7 +109,7 @@ def test_bench_section_names_the_network_split_and_confusion(tmp_path, data_root
     record = json.loads(md.with_suffix(".json").read_text())["runs"]["ci"]
     net = record["report"]["network"]
     assert (net["blocks"], net["convs"]) == (8, 17)
-    assert f"8 residual blocks, 17 convolutions" in text and f"{net['parameters']:,}" in text
+    assert "8 residual blocks, 17 convolutions" in text and f"{net['parameters']:,}" in text
     assert "`cinc2017/REFERENCE.csv`" in text and "N 5,050, A 738, O 2,456, ~ 284" in text
     assert "not the hidden challenge test set" in text and "A01176 = A00227" in text
     assert "Test confusion matrix (records" in text

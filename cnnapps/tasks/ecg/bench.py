@@ -101,13 +101,15 @@ def _short_path(path: str | None) -> str:
 def headline(task: Any, cfg: Any, run_dir: Path, results_dir: Path, key: str) -> dict[str, Any]:
     """``{"notes": [...], "tables": [...], "pictures": {...}}`` for ``bench_report`` from a finished run folder
     (its data_summary.json and metrics.json, written by the engine and ``ECGTask.report``); {} when the run
-    wrote no summary (no test split)."""
+    wrote no summary (no test split, or a run from before these facts were kept)."""
     from cnnapps.engine.task import DataSplits
 
     summary_file = run_dir / "data_summary.json"
     if not summary_file.is_file():
         return {}
     summary = json.loads(summary_file.read_text())
+    if "classes" not in summary:  # a run folder from before the summary held the headline facts
+        return {}
     test = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     classes = list(summary["classes"])
     d = cfg.data
@@ -185,7 +187,7 @@ def headline(task: Any, cfg: Any, run_dir: Path, results_dir: Path, key: str) ->
                                "predicted rhythm, the truth as a band beneath"),
                               ("confusion.png", "test confusion matrix")):
             if (run_dir / name).is_file():
-                target = f"ecg_{key}_{name}"
+                target = f"ecg_{key}_{name.removeprefix('ecg_')}"
                 shutil.copyfile(run_dir / name, Path(results_dir) / target)
                 pictures[caption] = target
     return {"notes": notes, "tables": tables, "pictures": pictures, "network": net}

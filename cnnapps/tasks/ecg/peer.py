@@ -189,11 +189,62 @@ def train_peer(peer: str, data_root: Path, seconds: float, recipe: PeerRecipe, s
             "history": history, "best_val_challenge_f1": best[0], "config": cfg, "data": data}
 
 
+def probe_peer(peer: str, data_root: Path, steps: int, recipe: PeerRecipe, seed: int = 0, threads: int = 0,
+               budget: float = 900.0) -> dict[str, Any]:
+    """Time ``steps`` training steps of peer ``peer`` on our training windows (the first one, warm-up, untimed)
+    and project one epoch: for a peer too slow to train in the budget. Returns a results-file record whose
+    notes say how long an epoch would take against ``budget``."""
+    from cnnapps.engine.runinfo import load_average, run_facts
+    from cnnapps.tasks.ecg.task import ECGConfig, ECGTask
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cfg = ECGConfig()
+    data = ECGTask().build_data(cfg, data_root)
+    classes = list(data.state["classes"])
+    model, info = build_peer(peer, classes, int(data.state.get("in_chans", 1)))
+    weights = torch.tensor(data.state["class_weights"], dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    loader = DataLoader(data.train, batch_size=recipe.batch_size, collate_fn=collate_windows,
+                        sampler=RandomSampler(data.train, generator=torch.Generator().manual_seed(seed)))
+    model.train()
+    times = []
+    for i, batch in enumerate(loader):
+        t0 = time.perf_counter()
+        target = _record_targets(batch["y"])
+        loss = F.cross_entropy(model(batch["x"]), target, weight=weights, ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        if i >= steps:
+            break
+    per_step = float(np.median(times[1:]))
+    steps_per_epoch = math.ceil(len(data.train) / recipe.batch_size)
+    epoch_s = per_step * steps_per_epoch
+    notes = [f"**Peer**: {info['package']} `{info['model']}`, {info['about']}; {info['parameters'] / 1e6:.2f} M "
+             f"parameters ({info['parameters']:,}).",
+             f"**Timed, not trained**: a training step on {recipe.batch_size} of our windows takes {per_step:.2f} s on "
+             f"this machine (median of {len(times) - 1} steps), so one epoch ({steps_per_epoch} steps) would take "
+             f"{epoch_s:.0f} s, {epoch_s / budget:.1f} times the {budget:.0f} s training budget"
+             + (": it cannot finish one epoch in it. The CPU-sized config of the same family (`torch_ecg_cpu`) is the "
+                "comparison." if epoch_s > budget else ".")]
+    return {"task": "ecg", "config": f"torch_ecg_{peer}", "key": f"torch_ecg_{peer}",
+            "overrides": [f"--probe-steps {steps}"], **run_facts("cpu"), "load_at_end": load_average(),
+            "train_seconds": round(sum(times), 2), "epochs": round(len(times) / steps_per_epoch, 3),
+            "train_samples_per_s": round(recipe.batch_size / per_step, 2), "monitor": "challenge_f1",
+            "test": {"seconds_per_step": round(per_step, 3), "projected_epoch_seconds": round(epoch_s, 1)},
+            "extra": {}, "report": {"notes": notes, "peer": info},
+            "resolved_config": {"peer": dict(info), "recipe": asdict(recipe), "data": to_dict(cfg)["data"]}}
+
+
 def peer_record(result: dict[str, Any], seconds: float, max_steps: int) -> dict[str, Any]:
     """The results-file record of a peer run (a section of results/ecg.md beside our configs)."""
     from cnnapps.engine.runinfo import load_average, run_facts
 
-    info, cfg, data = result["info"], result["config"], result["data"]
+    info, cfg = result["info"], result["config"]
     test = dict(result["test"])
     test["train_seconds"] = result["train_seconds"]
     whole = result["epochs"] >= 1
@@ -229,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", default="cpu", choices=list(PEERS), help="which ECG_CRNN config (default: cpu)")
     p.add_argument("--seconds", type=float, default=900.0, help="training time budget in seconds (default 900)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps instead")
+    p.add_argument("--probe-steps", type=int, default=0,
+                   help="only time this many training steps and project an epoch (a peer too slow to train)")
     p.add_argument("--lr", type=float, default=PeerRecipe.lr, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=PeerRecipe.weight_decay, help="AdamW weight decay")
     p.add_argument("--batch-size", type=int, default=PeerRecipe.batch_size, help="windows per step")
@@ -241,12 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         recipe = PeerRecipe(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size)
-        result = train_peer(args.peer, find_data_root(args.data_dir), args.seconds, recipe, seed=args.seed,
-                            threads=args.threads, max_steps=args.max_steps)
+        if args.probe_steps:
+            record = probe_peer(args.peer, find_data_root(args.data_dir), args.probe_steps, recipe, seed=args.seed,
+                                threads=args.threads, budget=args.seconds)
+        else:
+            result = train_peer(args.peer, find_data_root(args.data_dir), args.seconds, recipe, seed=args.seed,
+                                threads=args.threads, max_steps=args.max_steps)
+            record = peer_record(result, args.seconds, args.max_steps)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    record = peer_record(result, args.seconds, args.max_steps)
     print({k: round(v, 4) for k, v in record["test"].items() if isinstance(v, float)})
     if not args.no_write:
         out = results_dir(args.results)
