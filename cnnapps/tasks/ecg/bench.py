@@ -183,8 +183,8 @@ def headline(task: Any, cfg: Any, run_dir: Path, results_dir: Path, key: str) ->
                                  test.get(f"seq_f1_{metric_key(c)}")] for i, c in enumerate(classes)]})
     pictures = {}
     if key in PICTURE_KEYS:
-        for name, caption in (("ecg_strip.png", "ECG strip of a test record, background coloured by the "
-                               "predicted rhythm, the truth as a band beneath"),
+        for name, caption in (("ecg_strip.png", "a test record on ECG paper (25 mm/s, 10 mm/mV), the predicted "
+                               "rhythm as the top band and tint, the truth as the bottom band"),
                               ("confusion.png", "test confusion matrix")):
             if (run_dir / name).is_file():
                 target = f"ecg_{key}_{name.removeprefix('ecg_')}"
