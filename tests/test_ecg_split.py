@@ -142,3 +142,35 @@ def test_hannun_config_trains_as_the_authors_code():
     net = describe_network(ECGTask().build_model(cfg, DataSplits(None, None, None, state=_settings(cfg, None))))
     assert (net["blocks"], net["convs"], net["first_filters"], net["last_filters"]) == (16, 33, 32, 256)
     assert 10.4e6 < net["parameters"] < 10.5e6
+
+
+def test_peer_is_scored_by_our_metric_from_record_logits(cinc):
+    """A peer's record logits, repeated over the steps, give our metric its own record predictions."""
+    from cnnapps.tasks.ecg.data import EvalWindows, RecordLabeler, record_labels_for_cinc
+    from cnnapps.tasks.ecg.peer import evaluate_peer
+
+    labels = record_labels_for_cinc(cinc)
+    ids = [int(np.flatnonzero(labels == c)[k]) for c in range(4) for k in range(3)]  # 3 records per class
+    dataset = EvalWindows(cinc, ids, RecordLabeler(labels))
+
+    class AlwaysN(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(x.shape[0], 4)
+            out[:, 0] = 5.0
+            return out
+
+    v = evaluate_peer(AlwaysN(), dataset, ["N", "A", "O", "~"], batch_size=5)
+    # all 12 records predicted N: F1_N = 2 * 3 / (2 * 3 + 9) = 0.4, F1_A = F1_O = 0
+    assert v["f1_N"] == pytest.approx(0.4) and v["challenge_f1"] == pytest.approx(0.4 / 3)
+    assert v["accuracy"] == pytest.approx(0.25)
+
+
+def test_peer_configs_build_at_their_sizes():
+    pytest.importorskip("torch_ecg", reason="torch_ecg is the optional bench extra (pip install 'cnnapps[bench]')")
+    from cnnapps.tasks.ecg.peer import build_peer
+
+    model, info = build_peer("cpu", ["N", "A", "O", "~"])
+    assert 0.9e6 < info["parameters"] < 1.1e6 and info["cnn"] == "resnet_nature_comm"
+    assert model.eval()(torch.zeros(2, 1, 2048)).shape == (2, 4)
+    _, info = build_peer("default", ["N", "A", "O", "~"])
+    assert 9.4e6 < info["parameters"] < 9.7e6  # torch_ecg's ECG_CRNN default, as the issue measured
