@@ -12,7 +12,7 @@ if [ ! -f "$venv/.complete" ]; then
     mkdir -p "$(dirname "$venv")"
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
-    "$venv/bin/python" -m pip install --quiet -e ".[test,export]"
+    "$venv/bin/python" -m pip install --quiet -e ".[test,export,bench]"
     touch "$venv/.complete"
 fi
 # The editable install points at this clone (the cached venv may have served another one).

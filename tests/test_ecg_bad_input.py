@@ -248,3 +248,24 @@ def test_a_damaged_second_lead_skips_the_record_naming_the_lead(tmp_path):
     assert "lead V1" in messages["flatv1"] and "lead V1" in messages["nanv1"] and "'V1'" in messages["nov1"]
     substituted = prepare_source(folder_source(folder), PrepParams(leads=("II", "V1"), missing_lead="substitute"))
     assert sorted(substituted.names) == ["good", "nov1"] and substituted.records[1].substituted == {"V1": "V2"}
+
+def test_duplicates_and_the_paper_strip_amid_damaged_records(broken_folder, raw_dirs):
+    """Duplicate detection sees only the records preparation kept (the damaged ones stay counted skips), and the
+    millivolt strip of a record whose file has since been damaged falls back to the normalised signal."""
+    from cnnapps.tasks.ecg.data import duplicate_records
+    from cnnapps.tasks.ecg.plots import record_in_millivolts
+
+    _copy(raw_dirs[0], "A00001", broken_folder, "twin")
+    with open(broken_folder / "REFERENCE.csv", "a") as fh:
+        fh.write("twin,N\r\n")
+    cache = prepare_source(folder_source(broken_folder), PrepParams())
+    assert cache.skipped == EXPECTED_SKIPS
+    assert [[cache.names[i] for i in g] for g in duplicate_records(cache)] == [["good1", "twin"]]
+    good2 = cache.names.index("good2")
+    assert record_in_millivolts(cache, good2)[1] == "mV"
+    with open(broken_folder / "good2.mat", "r+b") as fh:  # truncated after preparation
+        fh.truncate(100)
+    x, units = record_in_millivolts(cache, good2)
+    assert units == "SD" and np.array_equal(x, cache.signal(good2))
+    (broken_folder / "good1.mat").unlink()  # gone after preparation
+    assert record_in_millivolts(cache, cache.names.index("good1"))[1] == "SD"

@@ -135,3 +135,62 @@ def test_metric_key_names():
     assert metric_key("~") == "noise"
     assert metric_key("AFIB") == "AFIB"
     assert metric_key("(SVTA") == "SVTA"
+
+
+# ---------------------------------------------------------------- intervals, ranking scores, macro F1
+
+
+def test_bootstrap_interval_matches_a_direct_resampling():
+    """The vectorised interval equals scikit-learn's F1 on each resample drawn the same way."""
+    from sklearn.metrics import f1_score
+
+    from cnnapps.tasks.ecg.metrics import bootstrap_f1_interval
+
+    rng = np.random.default_rng(3)
+    true = rng.integers(0, 4, 60)
+    pred = np.where(rng.random(60) < 0.7, true, rng.integers(0, 4, 60))
+    low, high = bootstrap_f1_interval(true, pred, [0, 1, 2], n_boot=200, seed=5)
+    counts = np.random.default_rng(5).multinomial(60, np.full(60, 1 / 60), size=200)
+    scores = []
+    for c in counts:
+        idx = np.repeat(np.arange(60), c)
+        scores.append(f1_score(true[idx], pred[idx], labels=[0, 1, 2], average=None, zero_division=0).mean())
+    assert (low, high) == pytest.approx(tuple(np.quantile(scores, [0.025, 0.975])))
+    point = f1_score(true, pred, labels=[0, 1, 2], average=None, zero_division=0).mean()
+    assert low < point < high
+    assert bootstrap_f1_interval(true, true, [0, 1, 2]) == (1.0, 1.0)  # perfect predictions: no spread
+
+
+def test_auroc_and_auprc_hand_computed():
+    from cnnapps.tasks.ecg.metrics import ranking_scores
+
+    true = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]])
+    v = ranking_scores(true, probs, ["N", "A"])
+    # class A: positives score 0.35, 0.8; negatives 0.1, 0.4 -> 3 of 4 pairs ordered right
+    assert v["auroc_A"] == pytest.approx(0.75)
+    # ranked 0.8 (+), 0.4 (-), 0.35 (+), 0.1 (-): precision 1 at recall 1/2, 2/3 at recall 1
+    assert v["auprc_A"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert v["auroc_N"] == pytest.approx(0.75) and v["auroc_macro"] == pytest.approx(0.75)
+    assert "auroc_O" not in ranking_scores(true, probs, ["N", "A"])
+    # a class absent from the truth has no curve: left out, not scored 0.5
+    assert "auroc_A" not in ranking_scores(np.array([0, 0]), probs[:2], ["N", "A"])
+
+
+def test_record_target_reports_interval_and_ranking_scores():
+    v = _toy_cinc().compute()
+    assert v["challenge_f1_ci_low"] <= v["challenge_f1"] <= v["challenge_f1_ci_high"]
+    # records N (p_A 0.033), A (mean p_A 0.72), O (p_A 0.033): A ranked first -> AUROC 1
+    assert v["auroc_A"] == pytest.approx(1.0) and v["auprc_A"] == pytest.approx(1.0)
+    assert "auroc_noise" not in v  # no noisy record
+
+
+def test_macro_sequence_f1_is_the_plain_mean_over_classes_present():
+    m = ECGMetrics(["N", "AFIB", "VT"], target="rhythm")
+    m.update(_logits([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.7, 0.2, 0.1]], 3),
+             _batch([0, 1, 1, 0], 3, 0, 1024))
+    v = m.compute()
+    # F1_N = 0.8 (TP 2, FP 1), F1_AFIB = 2/3 (TP 1, FN 1); VT absent from the truth is not averaged in
+    assert v["seq_f1_N"] == pytest.approx(0.8) and v["seq_f1_AFIB"] == pytest.approx(2 / 3)
+    assert v["seq_f1_macro"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert v["seq_f1"] == pytest.approx(0.5 * 0.8 + 0.5 * 2 / 3)  # weighted by support: equal here

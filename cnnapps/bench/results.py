@@ -12,9 +12,14 @@ from cnnapps.engine.runinfo import REPO_ROOT, results_dir
 FLOORS = REPO_ROOT / "results" / "floors.toml"
 
 
-def run_key(config: str) -> str:
-    """A run's key inside its task's results file: the config file's stem (``ci``, ``default``, ...)."""
-    return Path(config).stem
+def run_key(config: str, seed: int | None = None) -> str:
+    """A run's key inside its task's results file: the config file's stem (``ci``, ``default``, ...), with
+    ``@seed<N>`` for a run whose seed was chosen apart from its config's (repeats kept beside each other)."""
+    return Path(config).stem + (f"@seed{seed}" if seed is not None else "")
+
+
+def _config_of_key(key: str) -> str:
+    return key.split("@", 1)[0]
 
 
 def write_run(record: dict, results_dir: Path, name: str) -> Path:
@@ -24,7 +29,7 @@ def write_run(record: dict, results_dir: Path, name: str) -> Path:
     doc = json.loads(json_path.read_text()) if json_path.is_file() else {}
     if doc.get("task") != record["task"] or "runs" not in doc:
         doc = {"task": record["task"], "runs": {}}
-    doc["runs"][run_key(record["config"])] = record
+    doc["runs"][record.get("key") or run_key(record["config"])] = record
     json_path.write_text(json.dumps(doc, indent=2) + "\n")
     md_path = json_path.with_suffix(".md")
     md_path.write_text(format_markdown(doc))
@@ -56,10 +61,11 @@ def format_markdown(doc: dict) -> str:
              "per config; `ci` is the small-subset benchmark that CI repeats.", "",
              "| config | monitor | test value | training time (s) | epochs | machine | commit | time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [table_row([f"`{r['config']}`", r["monitor"], r["test"].get(r["monitor"]), r["train_seconds"],
-                         r["epochs"], r["machine"], r["commit"], r["time_utc"]]) for r in runs]
+    lines += [table_row([f"`{r.get('key') or r['config']}`", r["monitor"], r["test"].get(r["monitor"]),
+                         r["train_seconds"], r["epochs"], r["machine"], r["commit"], r["time_utc"]]) for r in runs]
+    lines += _repeats_table(runs)
     for r in runs:
-        lines += ["", f"## `{r['config']}`", "", "| fact | value |", "| --- | --- |"]
+        lines += ["", f"## `{r.get('key') or r['config']}`", "", "| fact | value |", "| --- | --- |"]
         for key in ("machine", "device", "commit", "time_utc", "torch", "load_at_start", "load_at_end",
                     "wall_seconds", "wall_seconds_from", "resumed", "train_seconds", "epochs",
                     "train_samples_per_s", "monitor"):
@@ -74,9 +80,50 @@ def format_markdown(doc: dict) -> str:
             lines += ["", "Extra measurements:", "", "| measurement | value |", "| --- | --- |"]
             for k, v in r["extra"].items():
                 lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines += _report_lines(r.get("report") or {})
         lines += ["", "<details><summary>resolved config</summary>", "", "```toml",
                   dumps_toml(r["resolved_config"]).rstrip(), "```", "", "</details>"]
     return "\n".join(lines) + "\n"
+
+
+def _report_lines(report: dict) -> list[str]:
+    """A task's ``bench_report`` as Markdown: its notes, tables (each with an optional note under its title) and
+    pictures."""
+    lines: list[str] = []
+    for note in report.get("notes", []):
+        lines += ["", note]
+    for table in report.get("tables", []):
+        lines += ["", f"{table['title']}:", ""]
+        if table.get("note"):
+            lines += [table["note"], ""]
+        lines += [table_row(table["columns"]), "| " + " | ".join("---" for _ in table["columns"]) + " |"]
+        lines += [table_row(row) for row in table["rows"]]
+    for caption, file in report.get("pictures", {}).items():
+        lines += ["", f"![{caption}]({file})"]
+    return lines
+
+
+def _repeats_table(runs: list[dict]) -> list[str]:
+    """Configs run with several seeds: mean, sample standard deviation, min and max of the monitored test value
+    and the mean training time, over the runs of each."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(_config_of_key(r.get("key") or run_key(r["config"])), []).append(r)
+    rows = []
+    for config, group in groups.items():
+        values = [r["test"].get(r["monitor"]) for r in group]
+        if len(group) < 2 or any(v is None for v in values) or len({r["monitor"] for r in group}) > 1:
+            continue
+        mean = sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        seeds = ", ".join(str(r["resolved_config"].get("train", {}).get("seed", "?")) for r in group)
+        rows.append(table_row([f"`{config}`", seeds, group[0]["monitor"], mean, sd, min(values), max(values),
+                               sum(r["train_seconds"] for r in group) / len(group)]))
+    if not rows:
+        return []
+    return ["", "Repeated runs (the same config, different train.seed):", "",
+            "| config | seeds | monitor | mean | sd | min | max | mean training time (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows]
 
 
 def _dataset_of(record: dict) -> str:

@@ -27,22 +27,30 @@ def run_task_bench(task: Task, config: str | Path | None, data_root: Path, overr
     results_dir.mkdir(parents=True, exist_ok=True)
     name = name or task.name
     facts = run_facts(resolve_device(cfg.train.device))  # the commit and time the run started from
+    label = config_label(config, task.config_dir())
+    key = run_key(label, cfg.train.seed if _sets_seed(overrides or []) else None)
     with tempfile.TemporaryDirectory(prefix=f"cnnapps-bench-{task.name}-") as tmp:
         t0 = time.perf_counter()
         result = fit(task, cfg, Path(tmp) / "run", data_root, quiet=quiet)
         wall = time.perf_counter() - t0
+        report = task.bench_report(cfg, Path(tmp) / "run", results_dir, key)
     history = result.history
     throughput = sum(h["samples_per_s"] for h in history) / max(len(history), 1)
     extra: dict[str, Any] = task.bench_extra(cfg, data_root)
     record = {
-        "task": task.name, "config": config_label(config, task.config_dir()),
+        "task": task.name, "config": label, "key": key,
         "overrides": overrides or [], **facts,
         "load_at_end": load_average(), "wall_seconds": round(wall, 2), "train_seconds": round(result.train_seconds, 2),
         "epochs": result.epochs_run, "train_samples_per_s": round(throughput, 2),
         "monitor": cfg.train.monitor or task.monitor, "test": result.test_metrics, "extra": extra,
-        "resolved_config": to_dict(cfg),
+        "report": report, "resolved_config": to_dict(cfg),
     }
     return write_run(record, results_dir, name)
+
+
+def _sets_seed(overrides: list[str]) -> bool:
+    """Whether ``--set`` overrides choose the seed: such a run is kept beside the config's own, not over it."""
+    return any(o.split("=", 1)[0].strip() == "train.seed" for o in overrides)
 
 
 def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir: Path | None = None,
@@ -75,19 +83,23 @@ def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir
     overrides = [f"{sec}.{k}={v}" for sec, values in to_dict(cfg).items() if isinstance(values, dict)
                  for k, v in values.items() if named and named.get(sec, {}).get(k) != v]
     config_name = config_label(config_name, task.config_dir())
-    record = {"task": task.name, "config": config_name,
+    key = run_key(config_name, cfg.train.seed if named and named.get("train", {}).get("seed") != cfg.train.seed
+                  else None)
+    results = _results_dir(results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    record = {"task": task.name, "config": config_name, "key": key,
               "overrides": [f"recorded from run folder {run_dir}", *overrides],
               "load_at_end": "not recorded", "wall_seconds": "not recorded", **facts,
               "train_seconds": round(sum(h["seconds"] for h in history), 2),
               "epochs": len(history),
               "train_samples_per_s": round(sum(h["samples_per_s"] for h in history) / max(len(history), 1), 2),
               "monitor": cfg.train.monitor or task.monitor, "test": test, "extra": {},
-              "resolved_config": to_dict(cfg)}
+              "report": task.bench_report(cfg, run_dir, results, key), "resolved_config": to_dict(cfg)}
     if data_root is not None:
         now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         record["extra"] = {**task.bench_extra(cfg, Path(data_root)),
                            "extra measurements": f"made when recorded, {now} (load {load_average()})"}
-    return write_run(record, _results_dir(results_dir), name or task.name)
+    return write_run(record, results, name or task.name)
 
 
 def run_all(data_root: Path, results_dir: Path | None = None, device: str | None = None,

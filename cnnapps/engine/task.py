@@ -119,6 +119,13 @@ class Task:
         """Task-specific measurements that ``bench`` adds to the results file (pipeline throughput, ...)."""
         return {}
 
+    def bench_report(self, cfg: TaskConfig, run_dir: Path, results_dir: Path, key: str) -> dict[str, Any]:
+        """What the task adds to its results section from a finished run folder ``run_dir`` (what ``report``
+        wrote there): ``{"notes": [Markdown paragraphs], "tables": [{"title": str, "columns": [...], "rows":
+        [[...], ...]}], "pictures": {caption: file name the hook wrote into results_dir}}``, any part optional;
+        other keys are kept in the JSON only. ``key``: the section's name in the results file. Default: {}."""
+        return {}
+
     def speed_measurements(self, data_root: Path | None) -> dict[str, Any]:
         """Task-specific speed numbers for ``bench --speed`` (data pipelines, front ends): {name: value}.
         ``data_root`` is None where no data is present; return what can be measured without it."""

@@ -145,17 +145,22 @@ class Augment:
 
     ``scale``: amplitude times U(1 - scale, 1 + scale). ``wander``: add a sinusoid of amplitude U(0, wander),
     frequency U(0.05, 0.5) Hz and random phase (baseline wander from breathing and movement). ``noise``: add
-    Gaussian noise of standard deviation U(0, noise). Random numbers come from torch's generator, which the
-    engine reseeds per epoch (and DataLoader per worker), so runs repeat.
+    Gaussian noise of standard deviation U(0, noise). ``flip``: with this probability multiply the crop by -1
+    (every lead together): hand-held devices such as AliveCor's record many ECGs upside down, so the rhythm, not
+    the polarity, should carry the label. Random numbers come from torch's generator, which the engine reseeds per
+    epoch (and DataLoader per worker), so runs repeat.
     """
 
     fs: int
     scale: float = 0.0
     wander: float = 0.0
     noise: float = 0.0
+    flip: float = 0.0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: (leads, time) of real samples only -> same shape."""
+        if self.flip > 0 and float(torch.rand(())) < self.flip:
+            x = -x
         if self.scale > 0:
             x = x * (1.0 + self.scale * (2.0 * torch.rand(()) - 1.0))
         t = x.shape[-1]
@@ -170,7 +175,7 @@ class Augment:
 
     @property
     def active(self) -> bool:
-        return self.scale > 0 or self.wander > 0 or self.noise > 0
+        return self.scale > 0 or self.wander > 0 or self.noise > 0 or self.flip > 0
 
 
 # ---------------------------------------------------------------- datasets
@@ -304,6 +309,20 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int, 
         idx, val, lab, _ = train_test_split(idx, lab, test_size=f_val / (1.0 - f_test), stratify=lab,
                                             random_state=seed + 1)
     return np.sort(idx), np.sort(val), np.sort(test)
+
+
+def duplicate_records(cache: PreparedCache, records: Sequence[int] | None = None) -> list[list[int]]:
+    """Groups of records whose prepared samples are byte-identical (same length and values), found by a content
+    hash rather than by name: [[first, copy, ...], ...] in cache order, each group sorted, only groups of two or
+    more. Identical raw records prepare to identical samples, so this finds the exact duplicates of a data set
+    (CinC 2017 holds two such pairs)."""
+    import hashlib
+
+    by_hash: dict[tuple[int, bytes], list[int]] = {}
+    for r in (range(len(cache)) if records is None else records):
+        x = np.ascontiguousarray(cache.signals(int(r)))
+        by_hash.setdefault((len(x), hashlib.blake2b(x.tobytes(), digest_size=16).digest()), []).append(int(r))
+    return sorted(sorted(g) for g in by_hash.values() if len(g) > 1)
 
 
 def records_by_name(cache: PreparedCache, names: Sequence[str], what: str) -> np.ndarray:

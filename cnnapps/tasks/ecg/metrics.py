@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, f1_score
+from sklearn.metrics import average_precision_score, confusion_matrix, f1_score, roc_auc_score
 
 from cnnapps.metrics.base import Metric
 from cnnapps.tasks.ecg.data import IGNORE, n_steps, n_valid_steps
@@ -32,10 +32,13 @@ class ECGMetrics(Metric):
 
     ``target``: ``record`` (CinC 2017: one label per record, ``challenge_f1`` = mean F1 of N, A, O with the record
     label taken from the mean probability over its valid steps; ``challenge_f1_majority`` from a majority vote of
-    step predictions), ``rhythm`` or ``beats``. Every target reports ``seq_f1`` (F1 over labelled steps, per class
-    then averaged weighted by class frequency, as Hannun et al.), ``set_f1`` (per record, the set of classes
-    predicted vs present over its labelled steps; per-class F1 over records, frequency-weighted) and
-    ``seq_f1_<class>``. ``beats`` adds, for every annotated beat (from ``beat_lookup(record) -> int (n, 2)
+    step predictions; ``challenge_f1_ci_low`` / ``_high``: a 95% bootstrap interval over records, see
+    ``bootstrap_f1_interval``; ``auroc_<class>`` / ``auprc_<class>``: one class against the rest, scored by the
+    record's mean probability, and their macro means), ``rhythm`` or ``beats``. Every target reports ``seq_f1``
+    (F1 over labelled steps, per class then averaged weighted by class frequency, as Hannun et al.),
+    ``seq_f1_macro`` (the plain mean over the classes present in the truth, so rare rhythms count as much as
+    sinus rhythm), ``set_f1`` (per record, the set of classes predicted vs present over its labelled steps;
+    per-class F1 over records, frequency-weighted) and ``seq_f1_<class>``. ``beats`` adds, for every annotated beat (from ``beat_lookup(record) -> int (n, 2)
     [sample, AAMI class]``), the prediction of the step holding its R-peak: ``se_<C>``, ``ppv_<C>`` (left out
     when their denominator is zero) and ``beat_accuracy``.
     """
@@ -104,6 +107,8 @@ class ECGMetrics(Metric):
             else np.zeros(k)
         for name, f in zip(self.classes, per_class):
             values[f"seq_f1_{metric_key(name)}"] = float(f)
+        present = np.bincount(true, minlength=k)[:k] > 0 if len(true) else np.zeros(k, bool)
+        values["seq_f1_macro"] = float(per_class[present].mean()) if present.any() else 0.0
         values["seq_accuracy"] = float((true == pred).mean()) if len(true) else 0.0
         values["set_f1"] = self._set_f1(records)
         if self.target == "record":
@@ -130,24 +135,27 @@ class ECGMetrics(Metric):
             return 0.0
         return float(f1_score(np.array(rows_true), np.array(rows_pred), average="weighted", zero_division=0))
 
-    def _record_level(self, records: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
-        """(true, by mean probability, by majority vote, record ids) over records with a label."""
-        true, mean_pred, vote_pred, ids = [], [], [], []
+    def _record_level(self, records: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], np.ndarray]:
+        """(true, by mean probability, by majority vote, record ids, mean probabilities (records, classes)) over
+        records with a label."""
+        true, mean_pred, vote_pred, ids, mean_probs = [], [], [], [], []
         k = len(self.classes)
         for record, (probs, labels, valid) in sorted(records.items()):
             lab = labels[labels != IGNORE]
             if not len(lab) or not valid.any():
                 continue
             true.append(int(np.bincount(lab, minlength=k).argmax()))
-            mean_pred.append(int(probs[valid].mean(0).argmax()))
+            mean_probs.append(probs[valid].mean(0))
+            mean_pred.append(int(mean_probs[-1].argmax()))
             # ties go to the class with the larger mean probability, not the lower index
             votes = np.bincount(probs[valid].argmax(1), minlength=k).astype(np.float64)
             vote_pred.append(int((votes + 1e-6 * probs[valid].mean(0)).argmax()))
             ids.append(record)
-        return np.array(true, np.int64), np.array(mean_pred, np.int64), np.array(vote_pred, np.int64), ids
+        return (np.array(true, np.int64), np.array(mean_pred, np.int64), np.array(vote_pred, np.int64), ids,
+                np.array(mean_probs, np.float64).reshape(-1, k))
 
     def _record_scores(self, records: dict) -> dict[str, float]:
-        true, mean_pred, vote_pred, _ = self._record_level(records)
+        true, mean_pred, vote_pred, _, mean_probs = self._record_level(records)
         labels = list(range(len(self.classes)))
         out: dict[str, float] = {}
         if not len(true):
@@ -156,10 +164,12 @@ class ECGMetrics(Metric):
         f1_vote = f1_score(true, vote_pred, labels=labels, average=None, zero_division=0)
         scored = [i for i, c in enumerate(self.classes) if c in ("N", "A", "O")] or labels[:3]
         out["challenge_f1"] = float(np.mean(f1[scored]))
+        out["challenge_f1_ci_low"], out["challenge_f1_ci_high"] = bootstrap_f1_interval(true, mean_pred, scored)
         out["challenge_f1_majority"] = float(np.mean(f1_vote[scored]))
         for name, f in zip(self.classes, f1):
             out[f"f1_{metric_key(name)}"] = float(f)
         out["accuracy"] = float((true == mean_pred).mean())
+        out.update(ranking_scores(true, mean_probs, self.classes))
         return out
 
     def _beats(self, records: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -210,9 +220,53 @@ class ECGMetrics(Metric):
                                "record_probabilities": {r: v[0][v[2]].mean(0) if v[2].any() else v[0].mean(0)
                                                         for r, v in records.items()}}
         if self.target == "record":
-            rt, rp, _, _ = self._record_level(records)
+            rt, rp, _, _, _ = self._record_level(records)
             out["confusion"] = confusion_matrix(rt, rp, labels=labels) if len(rt) else np.zeros((k, k), int)
         if self.target == "beats":
             bt, bp = self._beats(records)
             out["beat_confusion"] = confusion_matrix(bt, bp, labels=labels) if len(bt) else np.zeros((k, k), int)
         return out
+
+
+def bootstrap_f1_interval(true: np.ndarray, pred: np.ndarray, scored: Sequence[int], n_boot: int = 1000,
+                          level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean F1 over the ``scored`` classes (the challenge F1), resampling
+    records with replacement ``n_boot`` times (fixed ``seed``: the same predictions give the same interval).
+
+    ``true``, ``pred``: (records,) class indices. Returns (low, high) at ``level``; (0, 0) without records. A
+    class absent from a resample (no truth, no prediction) scores 0 there, as in the point estimate.
+    """
+    true, pred = np.asarray(true), np.asarray(pred)
+    n = len(true)
+    if n == 0:
+        return 0.0, 0.0
+    # resample counts per record, (n_boot, n): one matrix product per class replaces n_boot confusion matrices
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    score = np.zeros(n_boot)
+    for c in scored:
+        t, p = true == c, pred == c
+        tp, fp, fn = counts @ (t & p), counts @ (~t & p), counts @ (t & ~p)
+        denom = 2 * tp + fp + fn
+        score += np.divide(2 * tp, denom, out=np.zeros(n_boot), where=denom > 0)
+    score /= max(len(scored), 1)
+    alpha = (1.0 - level) / 2
+    low, high = np.quantile(score, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def ranking_scores(true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """Per class, one against the rest, from scores ``probs`` (records, classes): ``auroc_<class>`` (area under the
+    ROC curve) and ``auprc_<class>`` (average precision, scikit-learn), left out for a class absent from ``true``
+    or present everywhere; ``auroc_macro`` / ``auprc_macro``: their plain means."""
+    out: dict[str, float] = {}
+    aurocs, auprcs = [], []
+    for c, name in enumerate(classes):
+        positive = np.asarray(true) == c
+        if positive.all() or not positive.any():
+            continue
+        aurocs.append(float(roc_auc_score(positive, probs[:, c])))
+        auprcs.append(float(average_precision_score(positive, probs[:, c])))
+        out[f"auroc_{metric_key(name)}"], out[f"auprc_{metric_key(name)}"] = aurocs[-1], auprcs[-1]
+    if aurocs:
+        out["auroc_macro"], out["auprc_macro"] = float(np.mean(aurocs)), float(np.mean(auprcs))
+    return out
