@@ -48,6 +48,16 @@ def table_row(cells: list) -> str:
     return "| " + " | ".join(cell(c) for c in cells) + " |"
 
 
+def format_table(table: dict) -> list[str]:
+    """A task's table (``Task.bench_tables``: ``{"title", "columns", "rows", "note"}``) as Markdown lines."""
+    lines = ["", f"{table['title']}:", "", table_row(table["columns"]),
+             "| " + " | ".join("---" for _ in table["columns"]) + " |"]
+    lines += [table_row(row) for row in table["rows"]]
+    if table.get("note"):
+        lines += ["", table["note"]]
+    return lines
+
+
 def format_markdown(doc: dict) -> str:
     """The human-readable twin of a task's results JSON: a summary table, then one section per config."""
     task, runs = doc["task"], sorted(doc["runs"].values(), key=lambda r: r["time_utc"])
@@ -74,6 +84,8 @@ def format_markdown(doc: dict) -> str:
             lines += ["", "Extra measurements:", "", "| measurement | value |", "| --- | --- |"]
             for k, v in r["extra"].items():
                 lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        for table in r.get("tables", []):
+            lines += format_table(table)
         lines += ["", "<details><summary>resolved config</summary>", "", "```toml",
                   dumps_toml(r["resolved_config"]).rstrip(), "```", "", "</details>"]
     return "\n".join(lines) + "\n"

@@ -42,7 +42,15 @@ def run_task_bench(task: Task, config: str | Path | None, data_root: Path, overr
         "monitor": cfg.train.monitor or task.monitor, "test": result.test_metrics, "extra": extra,
         "resolved_config": to_dict(cfg),
     }
+    record["tables"] = _tables(task, cfg, record)
     return write_run(record, results_dir, name)
+
+
+def _tables(task: Task, cfg: Any, record: dict) -> list[dict]:
+    """The task's own tables for the results file (e.g. ours beside a paper's numbers), made from the record's
+    test metrics and extra measurements; none for a task without a ``bench_tables`` method."""
+    tables = getattr(task, "bench_tables", None)
+    return list(tables(cfg, record["test"], record["extra"])) if callable(tables) else []
 
 
 def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir: Path | None = None,
@@ -87,6 +95,7 @@ def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir
         now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         record["extra"] = {**task.bench_extra(cfg, Path(data_root)),
                            "extra measurements": f"made when recorded, {now} (load {load_average()})"}
+    record["tables"] = _tables(task, cfg, record)
     return write_run(record, _results_dir(results_dir), name or task.name)
 
 
