@@ -16,13 +16,14 @@ from torch import nn
 
 from cnnapps.engine.config import ConfigError, TrainConfig, option
 from cnnapps.engine.task import DataSplits, Task, TaskConfig, unwrap
-from cnnapps.tasks.ecg.data import (DEFAULT_RHYTHM_CLASSES, IGNORE, Augment, BeatLabeler, EvalWindows, Labeler,
+from cnnapps.tasks.ecg.beats import SCORED, BeatDataConfig, BeatHeadConfig
+from cnnapps.tasks.ecg.data import (DEFAULT_RHYTHM_CLASSES, IGNORE, Augment, EvalWindows, Labeler,
                                     RecordLabeler, RhythmLabeler, TrainWindows, class_weights, collate_windows,
                                     merge_segments, n_valid_steps, record_labels_for_cinc, records_by_name,
                                     rhythm_class_lookup, step_class_counts, stratified_split, tile_sample_weights)
 from cnnapps.tasks.ecg.leads import ALL, parse_leads, same_lead
 from cnnapps.tasks.ecg.metrics import ECGMetrics
-from cnnapps.tasks.ecg.prepare import (BEAT_CLASSES, CINC_CLASSES, MITDB_DS1, MITDB_DS2, STEP, PrepParams,
+from cnnapps.tasks.ecg.prepare import (CINC_CLASSES, MITDB_DS1, MITDB_DS2, STEP, PrepParams,
                                        PreparedCache, RecordSkip, choose_lead, dataset_source, folder_source,
                                        prepare_source)
 
@@ -39,7 +40,7 @@ class ECGDataConfig:
     """``[data]``: which records, how they are prepared, windowed, split, weighted and augmented."""
 
     dataset: str = "cinc2017"  # cinc2017 | mitdb
-    target: str = "record"  # record (CinC label broadcast per step) | rhythm | beats (MIT-BIH)
+    target: str = "record"  # record (CinC label broadcast per step) | rhythm | beats (one example per beat)
     fs: int = 200  # model sampling rate (Hz), as in Hannun et al.
     lead: str = ""  # signal name to use (e.g. "MLII"); "": each record's first signal
     leads: list[str] = option(
@@ -71,6 +72,8 @@ class ECGDataConfig:
     aug_scale: float = 0.1
     aug_wander: float = 0.1
     aug_noise: float = 0.02
+    beats: BeatDataConfig = option(help="[data.beats]: beat windows and RR features (data.target = \"beats\")",
+                                   default_factory=BeatDataConfig)
 
 
 @dataclass
@@ -86,6 +89,8 @@ class ECGModelConfig:
     increase_every: int = 2
     head_dropout: float = 0.0
     kwargs: dict = field(default_factory=dict)  # other backbone arguments (for backbones other than hannun34_1d)
+    beat_head: BeatHeadConfig = option(help="[model.beat_head]: the head that joins RR features (data.target = "
+                                       "\"beats\")", default_factory=BeatHeadConfig)
 
 
 @dataclass
@@ -129,7 +134,7 @@ def _classes(target: str, d: ECGDataConfig) -> list[str]:
     if target == "record":
         return list(CINC_CLASSES)
     if target == "beats":
-        return list(BEAT_CLASSES)
+        return list(SCORED)
     if not d.rhythm_classes:
         raise ConfigError("data.rhythm_classes is empty")
     return list(d.rhythm_classes)
@@ -191,8 +196,6 @@ def _labeler(s: dict, cache: PreparedCache) -> Labeler:
         return RecordLabeler(labels, step) if (labels != IGNORE).any() else Labeler()
     if not cache.has_annotations:
         return Labeler()
-    if target == "beats":
-        return BeatLabeler(cache, step)
     lookup = rhythm_class_lookup(cache.rhythm_names, s["classes"], s.get("rhythm_aliases", ()),
                                  s.get("other_class", "OTHER"))
     return RhythmLabeler(cache, lookup, step)
@@ -251,6 +254,10 @@ class ECGTask(Task):
         d = cfg.data
         s = _settings(cfg, state)
         cache = _cache_for(s, data_root, split)
+        if s["target"] == "beats":  # one example per beat: cnnapps.tasks.ecg.beats
+            from cnnapps.tasks.ecg.beats import build_beat_data
+
+            return build_beat_data(d, s, cache, None if split == "all" else self._split(s, d, cache), state)
         _note_leads(s, cache, state is not None)
         labeler = _labeler(s, cache)
         classes = list(s["classes"])
@@ -313,6 +320,10 @@ class ECGTask(Task):
                       "increase_every": m.increase_every, **kwargs}
         backbone = create_backbone(m.backbone, features_only=False, num_classes=0,
                                    in_chans=int(data.state.get("in_chans", 1)), **kwargs)
+        if data.state.get("target") == "beats":
+            from cnnapps.tasks.ecg.beats import build_beat_model
+
+            return build_beat_model(backbone, m, data.state)
         step = int(data.state.get("step", STEP))
         reduction = backbone.feature_info.reduction(-1)
         if reduction != step:
@@ -325,6 +336,11 @@ class ECGTask(Task):
     # ---- step
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], cfg: ECGConfig) -> dict[str, Any]:
         """Cross-entropy averaged over labelled steps (class-weighted, label smoothing from the config)."""
+        if "rr" in batch:  # the beats target: one example per beat
+            from cnnapps.tasks.ecg.beats import beat_loss
+
+            logits = model(batch["x"], batch["rr"])
+            return {"loss": beat_loss(model, logits, batch["y"], cfg.train.label_smoothing), "output": logits}
         logits = model(batch["x"])
         y = batch["y"]
         if logits.shape[-1] != y.shape[-1]:
@@ -342,20 +358,20 @@ class ECGTask(Task):
     # ---- metrics and report
     def metrics(self, cfg: ECGConfig, data: DataSplits) -> ECGMetrics:
         s = data.state
-        cache = next((ds.cache for ds in (data.test, data.val, data.train) if ds is not None), None)
-        target = s["target"]
-        beats = None
-        if target == "beats":
-            if cache is not None and cache.has_annotations:
-                beats = cache.beats
-            else:  # a folder without .atr files: no beats to score, only the (empty) sequence metrics
-                target = "rhythm"
-        return ECGMetrics(s["classes"], target, int(s["step"]), beat_lookup=beats)
+        if s["target"] == "beats":
+            from cnnapps.tasks.ecg.beats import BeatMetrics
+
+            return BeatMetrics(s["classes"])
+        return ECGMetrics(s["classes"], s["target"], int(s["step"]))
 
     def report(self, run_dir: Path, metric: ECGMetrics, data: DataSplits) -> dict[str, str]:
         """Confusion matrices and an ECG strip coloured by predicted rhythm; returns {what: relative path}."""
         from cnnapps.tasks.ecg.plots import plot_confusion_matrices, plot_example_strip
 
+        if data.state["target"] == "beats":
+            from cnnapps.tasks.ecg.beats import beat_report
+
+            return beat_report(run_dir, metric, data)
         run_dir = Path(run_dir)
         out = plot_confusion_matrices(metric.artifacts(), run_dir, data.state["target"])
         any_split = next((ds for ds in (data.test, data.val, data.train) if ds is not None), None)
@@ -437,13 +453,26 @@ class ECGTask(Task):
 
     # ---- bench hook
     def bench_extra(self, cfg: ECGConfig, data_root: Path) -> dict[str, float]:
-        """Windows per second from the prepared cache and from WFDB files (see ``cnnapps.tasks.ecg.bench``)."""
+        """Windows per second from the prepared cache and from WFDB files (see ``cnnapps.tasks.ecg.bench``); for
+        the beats target, the QRS detector's Se and +P on the test records (``cnnapps.tasks.ecg.qrs``)."""
         from cnnapps.tasks.ecg.bench import windows_per_second_cache, windows_per_second_wfdb
 
         s = _settings(cfg, None)
         cache = prepare_source(dataset_source(Path(data_root), s["dataset"]), _params(s))
+        if s["target"] == "beats":  # the QRS detector on the test records instead of crop throughput
+            from cnnapps.tasks.ecg.qrs import detector_scores
+
+            return detector_scores(cache, records_by_name(cache, cfg.data.test_records, "data.test_records"))
         return {"windows_per_s_cache": windows_per_second_cache(cache, s["window"]),
                 "windows_per_s_wfdb": windows_per_second_wfdb(cache, s["window"])}
+
+    def bench_tables(self, cfg: ECGConfig, test: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]]:
+        """Tables for the results file beside the test metrics (beats: ours beside de Chazal et al. 2004)."""
+        if cfg.data.target != "beats":
+            return []
+        from cnnapps.tasks.ecg.beats import comparison_table
+
+        return [comparison_table(test)]
 
     def speed_measurements(self, data_root: Path | None) -> dict[str, Any]:
         """The default config's training windows/s from the prepared cache against per-window WFDB reads (needs
