@@ -16,8 +16,8 @@ import wfdb
 from cnnapps.engine.config import ConfigError, load_config
 from cnnapps.engine.task import DataSplits
 from cnnapps.engine.trainer import fit
-from cnnapps.tasks.ecg.beats import (IGNORE, RR_FEATURES, SCORED, BeatDataset, BeatMetrics, classify_beats,
-                                     cut_window, record_beats, rr_features)
+from cnnapps.tasks.ecg.beats import (IGNORE, RR_FEATURES, SCORED, BeatCutter, BeatDataset, BeatMetrics,
+                                     classify_beats, cut_window, record_beats, rr_features)
 from cnnapps.tasks.ecg.prepare import MITDB_DS2, PrepParams, folder_source, mitdb_source, prepare, prepare_source
 from cnnapps.tasks.ecg.qrs import QRSDetectionError, detect_r_peaks, score_detections
 from cnnapps.tasks.ecg.task import ECGConfig, ECGTask
@@ -69,7 +69,7 @@ def test_window_is_centred_on_the_r_peak_and_rr_features_match_record_100_by_han
     test = data.test
     k = int(np.flatnonzero((test.items[:, 0] == i) & (test.items[:, 3] == 7))[0])
     item = test[k]
-    w = 256
+    w = data.state["beat_window"]
     signal = np.asarray(mitdb.signal(i))
     raw = signal[1136 - w // 2:1136 + w // 2]
     assert item["x"].shape == (2, w) and int(item["y"]) == SCORED.index("S")
@@ -78,6 +78,11 @@ def test_window_is_centred_on_the_r_peak_and_rr_features_match_record_100_by_han
     normal = np.flatnonzero((test.items[:, 0] == i) & (test.items[:, 2] == 0))
     offsets = np.array([int(test[j]["x"][0].argmax()) - w // 2 for j in normal])
     assert np.mean(np.abs(offsets) <= 2) > 0.97
+    # a stretched training window keeps the R-peak at its centre
+    stretched = BeatDataset(mitdb, [rb], BeatCutter.for_stretch(w, "median", True, 0.2), np.zeros(len(RR_FEATURES)),
+                            np.ones(len(RR_FEATURES)), stretch=0.2)
+    offsets = np.array([int(stretched[j]["x"][0].argmax()) - w // 2 for j in np.flatnonzero(rb.labels == 0)[:300]])
+    assert stretched[0]["x"].shape == (2, w) and np.mean(np.abs(offsets) <= 2) > 0.97
     # the RR features reach the model standardised by the training beats' statistics
     expected = (rb.rr[7] - np.asarray(data.state["rr_mean"])) / np.asarray(data.state["rr_std"])
     assert np.allclose(item["rr"].numpy(), expected, atol=1e-5)
@@ -276,4 +281,20 @@ def test_smoke_fit_on_beats_evaluates_and_reports(data_root, tmp_path):
     summary = json.loads((run / "data_summary.json").read_text())
     assert summary["beats"]["test"] == 2273 and summary["records"] == {"train": 2, "val": 1, "test": 1}
     state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["data_state"]
-    assert {"beat_window", "rr_features", "rr_mean", "rr_std", "class_weights", "in_chans"} <= set(state)
+    assert {"beat_window", "beat_margin", "rr_features", "rr_mean", "rr_std", "class_weights", "in_chans"} <= set(state)
+
+
+def test_results_section_puts_de_chazal_beside_ours():
+    from cnnapps.bench.results import format_markdown
+    from cnnapps.tasks.ecg.beats import comparison_table
+
+    test = {"se_V": 0.9, "ppv_V": 0.8, "f1_V": 2 * 0.72 / 1.7, "se_S": 0.8, "ppv_S": 0.5, "se_N": 0.95}
+    table = comparison_table(test)
+    assert table["rows"][2][:5] == ["V", "90.0", "77.7", "80.0", "81.9"] and "missed" in table["rows"][2][-1]
+    assert table["rows"][1][-1].endswith("met")  # S: Se 80 >= 76, +P 50 >= 45
+    assert table["rows"][3][1] == "n/a"  # no F score given
+    record = {"task": "ecg", "config": "mitdb_beats", "time_utc": "t", "monitor": "sv_f1", "train_seconds": 1.0,
+              "epochs": 1, "machine": "m", "commit": "c", "overrides": [], "test": test, "extra": {},
+              "resolved_config": {}, "tables": [table]}
+    md = format_markdown({"task": "ecg", "runs": {"mitdb_beats": record}})
+    assert "| V | 90.0 | 77.7 | 80.0 | 81.9 |" in md and "de Chazal" in md

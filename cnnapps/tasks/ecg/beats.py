@@ -10,6 +10,7 @@ detect R-peaks -> beat windows and RR features -> per-beat classes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,9 @@ class BeatDataConfig:
                                     default_factory=lambda: list(RR_FEATURES))
     rr_local: int = option(10, help="RR intervals in the local average, centred on the beat (de Chazal: 10)", ge=2)
     jitter: int = option(2, help="training: the window centre moves by up to this many samples either way", ge=0)
+    stretch: float = option(0.0, help="training: the window (and the median beat) is stretched in time by a factor "
+                            "drawn from U(1 - stretch, 1 + stretch), as heart rate and QRS width differ between "
+                            "patients; 0: off", ge=0, lt=0.5)
 
     def check(self) -> None:
         if not self.rr_features:
@@ -158,6 +162,53 @@ def median_beat(signal: np.ndarray, peaks: np.ndarray, window: int, baseline: st
 
 
 @dataclass
+class BeatCutter:
+    """Model input of one beat: its window (``window`` samples, R-peak at ``window // 2``), optionally stretched in
+    time, each lead's median subtracted (``baseline="median"``), and with ``template`` the record's median beat
+    (same stretch) as extra channels: float32 (leads x (1 + template), window).
+
+    Windows are first cut ``margin`` samples wider on each side (the median beat too), so a stretch of up to
+    ``2 * (margin - 1) / window`` finds real samples; without a stretch the result is the centred ``window``.
+    Training, evaluation and ``classify_beats`` all go through ``cut``, so they see the same input.
+    """
+
+    window: int
+    baseline: str = "median"
+    template: bool = True
+    margin: int = 0
+
+    @classmethod
+    def for_stretch(cls, window: int, baseline: str, template: bool, stretch: float) -> "BeatCutter":
+        return cls(window, baseline, template, int(math.ceil(window * stretch / 2)) + 1 if stretch > 0 else 0)
+
+    @property
+    def wide(self) -> int:
+        return self.window + 2 * self.margin
+
+    def median(self, signal: np.ndarray, peaks: np.ndarray) -> np.ndarray | None:
+        """The record's median beat over the wide window (None without ``template``): (leads, wide)."""
+        return median_beat(signal, peaks, self.wide, self.baseline) if self.template else None
+
+    def _fit(self, wide: np.ndarray, scale: float) -> np.ndarray:
+        if scale == 1.0:
+            out = wide[:, self.margin:self.margin + self.window].copy()
+        else:
+            pos = self.wide // 2 + (np.arange(self.window) - self.window // 2) * scale
+            grid = np.arange(self.wide)
+            out = np.stack([np.interp(pos, grid, lead) for lead in wide]).astype(np.float32)
+        if self.baseline == "median":
+            out -= np.median(out, axis=1, keepdims=True)
+        return out
+
+    def cut(self, signal: np.ndarray, peak: int, median: np.ndarray | None, scale: float = 1.0) -> np.ndarray:
+        """The input for the beat at ``peak`` of ``signal`` (leads, time): (in_chans, window) float32."""
+        x = self._fit(cut_window(signal, peak, self.wide, "none"), scale)
+        if median is not None:
+            x = np.concatenate([x, self._fit(median, scale)])
+        return x
+
+
+@dataclass
 class RecordBeats:
     """The beats of one record: R-peak samples (n,) at the cache rate, scored class per beat (n,) (-100 for Q
     beats and beats without a label) and RR features (n, features), raw (not standardised)."""
@@ -198,20 +249,19 @@ class BeatDataset(Dataset):
 
     Item: ``x`` (in_chans, window) float32 (the beat's leads, then the record's median beat per lead with
     ``template``), ``rr`` (features,) standardised by ``rr_mean``/``rr_std``, ``y`` () int64 (-100: no label),
-    ``record`` (cache index) and ``beat`` (index of the beat among the record's beats). ``jitter`` moves the
-    window centre by up to that many samples (training); ``augment`` (``data.Augment``) changes the beat's
-    amplitude, baseline and noise (never the template's shape: only the common amplitude scale touches it).
+    ``record`` (cache index) and ``beat`` (index of the beat among the record's beats); the input is made by
+    ``cutter`` (BeatCutter). Training only: ``jitter`` moves the window centre by up to that many samples,
+    ``stretch`` stretches it (and the median beat) by U(1 - stretch, 1 + stretch), and ``augment``
+    (``data.Augment``) changes the beat's amplitude, baseline and noise (the median beat's stay as they are).
     """
 
-    def __init__(self, cache: PreparedCache, beats: Sequence[RecordBeats], window: int, rr_mean: np.ndarray,
-                 rr_std: np.ndarray, template: bool = True, baseline: str = "median", jitter: int = 0,
-                 augment: Any = None, labelled_only: bool = True) -> None:
-        self.cache, self.window, self.template, self.baseline = cache, window, template, baseline
-        self.jitter, self.augment = jitter, augment
+    def __init__(self, cache: PreparedCache, beats: Sequence[RecordBeats], cutter: BeatCutter, rr_mean: np.ndarray,
+                 rr_std: np.ndarray, jitter: int = 0, stretch: float = 0.0, augment: Any = None,
+                 labelled_only: bool = True) -> None:
+        self.cache, self.cutter, self.jitter, self.stretch, self.augment = cache, cutter, jitter, stretch, augment
         self.records = np.asarray([b.record for b in beats], dtype=np.int64)
         self._signals = {b.record: record_signal(cache, b.record) for b in beats}
-        self._templates = {b.record: median_beat(self._signals[b.record], b.peaks, window, baseline)
-                           for b in beats} if template else {}
+        self._medians = {b.record: cutter.median(self._signals[b.record], b.peaks) for b in beats}
         items, rr = [], []
         for b in beats:
             keep = np.flatnonzero(b.labels >= 0) if labelled_only else np.arange(len(b.peaks))
@@ -232,11 +282,11 @@ class BeatDataset(Dataset):
         record, peak, label, beat = (int(v) for v in self.items[i])
         if self.jitter:
             peak += int(torch.randint(-self.jitter, self.jitter + 1, ()))
-        x = torch.from_numpy(cut_window(self._signals[record], peak, self.window, self.baseline))
+        scale = 1.0 + self.stretch * (2.0 * float(torch.rand(())) - 1.0) if self.stretch else 1.0
+        x = torch.from_numpy(self.cutter.cut(self._signals[record], peak, self._medians[record], scale))
         if self.augment is not None and self.augment.active:
-            x = self.augment(x)
-        if self.template:
-            x = torch.cat([x, torch.from_numpy(self._templates[record])])
+            leads = self._signals[record].shape[0]
+            x = torch.cat([self.augment(x[:leads]), x[leads:]])
         return {"x": x, "rr": torch.from_numpy(self.rr[i]), "y": torch.tensor(label, dtype=torch.int64),
                 "record": record, "beat": beat}
 
@@ -246,8 +296,16 @@ def beat_settings(beats_cfg: BeatDataConfig, s: dict) -> dict:
     out = dict(s)
     out.update({"classes": list(SCORED), "beat_window": beats_cfg.window, "beat_template": beats_cfg.template,
                 "beat_baseline": beats_cfg.baseline, "rr_features": list(beats_cfg.rr_features),
+                "beat_margin": BeatCutter.for_stretch(beats_cfg.window, beats_cfg.baseline, beats_cfg.template,
+                                                      beats_cfg.stretch).margin,
                 "rr_local": beats_cfg.rr_local})
     return out
+
+
+def state_cutter(state: dict) -> BeatCutter:
+    """The BeatCutter of a model's preprocessing ``state``."""
+    return BeatCutter(int(state["beat_window"]), str(state.get("beat_baseline", "median")),
+                      bool(state.get("beat_template", True)), int(state.get("beat_margin", 0)))
 
 
 def collect_beats(cache: PreparedCache, records: Sequence[int], s: dict) -> tuple[list[RecordBeats], list[str]]:
@@ -422,7 +480,7 @@ def classify_beats(model: nn.Module, signal: np.ndarray, state: dict, device: to
 
     x = np.asarray(signal, dtype=np.float32)
     x = x[None] if x.ndim == 1 else x.T
-    fs, window = int(state["fs"]), int(state["beat_window"])
+    fs = int(state["fs"])
     if peaks is None:
         peaks = detect_r_peaks(x[0], fs, where)
     peaks = np.asarray(peaks, dtype=np.int64)
@@ -430,16 +488,14 @@ def classify_beats(model: nn.Module, signal: np.ndarray, state: dict, device: to
         raise QRSDetectionError(f"{where}: {len(peaks)} R-peak(s); at least two are needed")
     rr = rr_features(peaks, fs, state["rr_features"], int(state["rr_local"]))
     rr = ((rr - np.asarray(state["rr_mean"])) / np.asarray(state["rr_std"])).astype(np.float32)
-    baseline = state.get("beat_baseline", "median")
-    template = median_beat(x, peaks, window, baseline) if state.get("beat_template") else None
+    cutter = state_cutter(state)
+    median = cutter.median(x, peaks)
     model.eval()
     probs = []
     with torch.inference_mode():
         for start in range(0, len(peaks), batch_size):
             part = peaks[start:start + batch_size]
-            wins = np.stack([cut_window(x, p, window, baseline) for p in part])
-            if template is not None:
-                wins = np.concatenate([wins, np.broadcast_to(template, wins.shape)], axis=1)
+            wins = np.stack([cutter.cut(x, p, median) for p in part])
             logits = model(torch.from_numpy(wins).to(device), torch.from_numpy(rr[start:start + len(part)]).to(device))
             probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
     p = np.concatenate(probs)
@@ -483,14 +539,14 @@ def build_beat_data(d: Any, s: dict, cache: PreparedCache, ids: tuple[np.ndarray
         log.info("ECG beats: training beats per class %s; loss weights %s", dict(zip(SCORED, counts.tolist())),
                  dict(zip(SCORED, np.round(s["class_weights"], 3).tolist())))
     mean, std = np.asarray(s["rr_mean"]), np.asarray(s["rr_std"])
-    window, template, baseline = int(s["beat_window"]), bool(s["beat_template"]), str(s["beat_baseline"])
+    cutter = state_cutter(s)
 
     def dataset(name: str, train: bool = False) -> BeatDataset | None:
         if not beats.get(name):
             return None
         augment = Augment(int(s["fs"]), d.aug_scale, d.aug_wander, d.aug_noise) if train and d.augment else None
-        return BeatDataset(cache, beats[name], window, mean, std, template, baseline,
-                           jitter=d.beats.jitter if train else 0, augment=augment,
+        return BeatDataset(cache, beats[name], cutter, mean, std, jitter=d.beats.jitter if train else 0,
+                           stretch=d.beats.stretch if train else 0.0, augment=augment,
                            labelled_only=train or cache.has_annotations)
 
     train_ds = dataset("train", train=True)
@@ -565,3 +621,12 @@ def comparison_table(test: dict[str, Any]) -> dict[str, Any]:
             "rows": rows,
             "note": "de Chazal, O'Dwyer, Reilly, IEEE Trans. Biomed. Eng. 51(7) 2004, table IV (their F1 computed "
                     "from their Se and +P). Both: every N, S, V and F beat of the 22 DS2 records, Q left out."}
+
+
+def beat_rows(pred: BeatPrediction, state: dict) -> dict[str, Any]:
+    """``predict``'s JSON for the beats of one record: ``beat_counts`` {class: n} and ``beats`` [{time_s, class,
+    p}] (R-peak time from the record's start, the class and its probability)."""
+    classes, fs = list(state["classes"]), float(state["fs"])
+    return {"beat_counts": {c: int((pred.classes == k).sum()) for k, c in enumerate(classes)},
+            "beats": [{"time_s": round(float(t) / fs, 3), "class": classes[int(c)], "p": round(float(p[int(c)]), 3)}
+                      for t, c, p in zip(pred.peaks, pred.classes, pred.probabilities)]}
