@@ -298,3 +298,22 @@ def test_results_section_puts_de_chazal_beside_ours():
               "resolved_config": {}, "tables": [table]}
     md = format_markdown({"task": "ecg", "runs": {"mitdb_beats": record}})
     assert "| V | 90.0 | 77.7 | 80.0 | 81.9 |" in md and "de Chazal" in md
+
+
+def test_predict_with_a_beats_model_classifies_every_detected_beat(beat_data, data_root, tmp_path):
+    folder = mitdb_source(data_root).record_dir
+    task = ECGTask()
+    cfg = _beats_cfg()
+    model = task.build_model(cfg, beat_data).eval()
+    t = np.arange(720) / 360
+    wfdb.wrsamp("calm", fs=360, units=["mV"], sig_name=["MLII"], p_signal=0.1 * np.sin(2 * np.pi * t)[:, None],
+                fmt=["16"], write_dir=str(tmp_path))  # 2 s without a heartbeat
+    r100, r102, calm, missing = task.predict(model, [str(folder / "100"), str(folder / "102"), str(tmp_path / "calm"),
+                                                     str(tmp_path / "nope")], beat_data.state, cfg, torch.device("cpu"))
+    assert r100["lead"] == "MLII" and r100["fs"] == 360
+    assert sum(r100["beat_counts"].values()) == len(r100["beats"]) == pytest.approx(2273, abs=5)
+    first = r100["beats"][0]
+    assert set(first) == {"time_s", "class", "p"} and first["class"] in SCORED and 0 < first["time_s"] < 1
+    assert r102["lead"] == "V5" and len(r102["beats"]) > 1000  # no MLII: its first ECG signal, with a warning
+    assert calm["error"].startswith("no_beats") and "calm" in calm["error"]
+    assert "missing_record" in missing["error"]

@@ -127,12 +127,8 @@ def rr_features(peaks: np.ndarray, fs: float, names: Sequence[str] = RR_FEATURES
 
 
 def record_signal(cache: PreparedCache, i: int) -> np.ndarray:
-    """Record ``i`` of a prepared cache as (leads, time): every lead of a multi-lead cache (``signals``, time-major),
-    else its one lead."""
-    signals = getattr(cache, "signals", None)
-    if callable(signals):
-        return np.asarray(signals(i)).T
-    return np.asarray(cache.signal(i))[None]
+    """Every lead of record ``i`` of a prepared cache as (leads, time) (a view: the cache keeps time-major)."""
+    return np.asarray(cache.signals(i)).T
 
 
 def cut_window(signal: np.ndarray, centre: int, window: int, baseline: str = "median") -> np.ndarray:
@@ -525,8 +521,14 @@ def build_beat_data(d: Any, s: dict, cache: PreparedCache, ids: tuple[np.ndarray
         beats[name], lost = collect_beats(cache, records, s)
         if lost:
             skipped["too_few_beats"] = skipped.get("too_few_beats", 0) + len(lost)
-    leads = record_signal(cache, 0).shape[0] if len(cache) else 1
-    s["in_chans"] = leads * (2 if s["beat_template"] else 1)
+    leads = cache.n_leads
+    if state is not None and int(s.get("n_leads", leads)) != leads:
+        raise ConfigError(f"{cache.path}: the cache holds {leads} lead(s), the checkpoint's model reads "
+                          f"{s['n_leads']}")
+    s["n_leads"], s["in_chans"] = leads, leads * (2 if s["beat_template"] else 1)
+    if cache.lead_names:
+        s["lead_names"] = list(cache.lead_names)
+    log.info("ECG beats: leads %s", ", ".join(cache.lead_names) or "the first ECG signal of each record")
     if state is None:
         train = beats.get("train", [])
         if not train:

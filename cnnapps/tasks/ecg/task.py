@@ -402,7 +402,9 @@ class ECGTask(Task):
                 plot: bool = False, out_dir: str | Path | None = None, lead: str | None = None,
                 **kw: Any) -> Iterator[dict]:
         """One dict per WFDB record path (any sampling rate and lead count): record, fs, duration_s, label,
-        probabilities (mean over the record), segments [{start_s, end_s, rhythm}] of equal consecutive steps."""
+        probabilities (mean over the record), segments [{start_s, end_s, rhythm}] of equal consecutive steps.
+        A beats model gives instead beat_counts {class: n} and beats [{time_s, class, p}], one per R-peak
+        detected (``cnnapps.tasks.ecg.beats.classify_beats``)."""
         from cnnapps.tasks.ecg.prepare import prepare_signals, read_leads
 
         classes, step, fs = list(state["classes"]), int(state["step"]), int(state["fs"])
@@ -413,7 +415,7 @@ class ECGTask(Task):
             record = str(Path(path).with_suffix("")) if Path(path).suffix in (".hea", ".dat", ".mat") else path
             try:
                 wanted = parse_leads(lead) if lead else _model_leads(state)
-                if wanted and len(wanted) != max(1, int(state.get("in_chans", 1))):
+                if wanted and len(wanted) != max(1, int(state.get("n_leads") or state.get("in_chans", 1))):
                     raise RecordSkip("lead_not_found", f"--lead {lead}: the model reads {state.get('in_chans')} "
                                      f"lead(s) ({', '.join(_model_leads(state))})")
                 # the training leads stand in for themselves where a record has them; a lead named on the
@@ -426,6 +428,11 @@ class ECGTask(Task):
                 x, _ = prepare_signals(raw, fs_in, params, record, choice.names)
             except (RecordSkip, ValueError) as exc:  # ValueError: a --lead list that repeats a lead
                 yield {"record": path, "error": f"{getattr(exc, 'reason', 'bad_lead')}: {exc}"}
+                continue
+            if state["target"] == "beats":
+                yield _predict_beats(model, x, state, device, path, record,
+                                     {"fs": fs_in, "lead": lead_name, "leads": list(choice.names),
+                                      "duration_s": round(len(raw) / fs_in, 3)})
                 continue
             probs = _predict_steps(model, x, chunk, step, device)
             valid = n_valid_steps(len(x), step)
@@ -499,6 +506,20 @@ def _lead_in_record(record: str, lead: str) -> str:
         return ""
     except Exception:  # unreadable header: read_lead reports it with the reason
         return lead
+
+
+def _predict_beats(model: nn.Module, x: np.ndarray, state: dict, device: torch.device, path: str, record: str,
+                   row: dict[str, Any]) -> dict[str, Any]:
+    """``predict``'s row for a beats model: R-peaks detected, each beat classified (``row`` holds the record's
+    facts); an error row when no two R-peaks are found."""
+    from cnnapps.tasks.ecg.beats import beat_rows, classify_beats
+    from cnnapps.tasks.ecg.qrs import QRSDetectionError
+
+    try:
+        pred = classify_beats(model, x, state, device, where=record)
+    except QRSDetectionError as exc:
+        return {"record": path, "error": f"no_beats: {exc}"}
+    return {"record": path, **row, **beat_rows(pred, state)}
 
 
 def _predict_steps(model: nn.Module, x: np.ndarray, chunk: int, step: int, device: torch.device) -> np.ndarray:
