@@ -7,12 +7,10 @@ Conventions shared with the metric and the model:
 - An item is ``{"x": float32 (leads, time), "y": int64 (ceil(time_real / step),), "record": int, "offset": int,
   "length": int}``: ``record`` indexes the cache's records (the same index in every split), ``offset`` is the
   item's first step within its record, ``length`` the real (unpadded) samples in ``x``. ``y`` is -100 where a
-  step has no label: padding, samples before a record's first rhythm annotation, rhythms mapped to nothing,
-  beat-target steps without a beat.
+  step has no label: padding, samples before a record's first rhythm annotation, rhythms mapped to nothing.
 - A step belongs to the signal when its centre sample is real (``n_valid_steps``); a record's label is
-  broadcast over those steps (CinC), or each step gets the rhythm in force at its centre (MIT-BIH rhythm), or the
-  most severe AAMI class of the beats whose R-peak lies in it (MIT-BIH beats; severity V > S > F > Q > N, so a
-  premature beat is never hidden by a neighbouring normal beat in the same 1.28 s step).
+  broadcast over those steps (CinC), or each step gets the rhythm in force at its centre (MIT-BIH rhythm).
+  Beats (one example per beat, not per step) live in ``cnnapps.tasks.ecg.beats``.
 - No item reads a WFDB file: everything comes from ``PreparedCache`` memmaps.
 """
 from __future__ import annotations
@@ -26,13 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cnnapps.tasks.ecg.prepare import BEAT_CLASSES, CINC_CLASSES, NO_RHYTHM, STEP, PreparedCache
+from cnnapps.tasks.ecg.prepare import CINC_CLASSES, NO_RHYTHM, STEP, PreparedCache
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-# Ascending clinical severity of the AAMI classes; a step with several beats takes the most severe.
-BEAT_SEVERITY = ("N", "Q", "F", "S", "V")
 DEFAULT_RHYTHM_CLASSES = ("N", "AFIB", "AFL", "B", "T", "VT", "SVTA", "OTHER")
 
 
@@ -111,23 +107,6 @@ class RhythmLabeler(Labeler):
         centres = start + np.arange(k) * self.step + self.step // 2
         y[:k] = self.lookup[np.asarray(self.cache.rhythm(record)[centres])]
         return y
-
-
-class BeatLabeler(Labeler):
-    """The most severe AAMI class (V > S > F > Q > N) among beats whose R-peak falls in a step; -100 if none."""
-
-    def __init__(self, cache: PreparedCache, step: int = STEP) -> None:
-        self.cache, self.step = cache, step
-        self._rank = np.array([BEAT_SEVERITY.index(c) for c in BEAT_CLASSES])
-        self._by_rank = np.array([BEAT_CLASSES.index(c) for c in BEAT_SEVERITY])
-
-    def __call__(self, record: int, start: int, n_real: int, steps: int) -> np.ndarray:
-        beats = self.cache.beats(record)
-        inside = (beats[:, 0] >= start) & (beats[:, 0] < start + n_real)
-        k = (beats[inside, 0] - start) // self.step
-        rank = np.full(steps, -1, dtype=np.int64)
-        np.maximum.at(rank, k, self._rank[beats[inside, 1]])
-        return np.where(rank >= 0, self._by_rank[np.maximum(rank, 0)], IGNORE).astype(np.int64)
 
 
 def record_labels_for_cinc(cache: PreparedCache) -> np.ndarray:

@@ -1,10 +1,10 @@
-"""ECG metrics: PhysioNet/CinC 2017 challenge F1, sequence- and set-level F1 (Hannun et al. 2019) and AAMI beat
-sensitivity / positive predictive value, from per-step logits of windows put back together per record."""
+"""ECG metrics: PhysioNet/CinC 2017 challenge F1 and sequence- and set-level F1 (Hannun et al. 2019), from per-step
+logits of windows put back together per record. Per-beat AAMI scores: ``cnnapps.tasks.ecg.beats.BeatMetrics``."""
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,23 +34,19 @@ class ECGMetrics(Metric):
     label taken from the mean probability over its valid steps; ``challenge_f1_majority`` from a majority vote of
     step predictions; ``challenge_f1_ci_low`` / ``_high``: a 95% bootstrap interval over records, see
     ``bootstrap_f1_interval``; ``auroc_<class>`` / ``auprc_<class>``: one class against the rest, scored by the
-    record's mean probability, and their macro means), ``rhythm`` or ``beats``. Every target reports ``seq_f1``
+    record's mean probability, and their macro means) or ``rhythm``. Every target reports ``seq_f1``
     (F1 over labelled steps, per class then averaged weighted by class frequency, as Hannun et al.),
     ``seq_f1_macro`` (the plain mean over the classes present in the truth, so rare rhythms count as much as
     sinus rhythm), ``set_f1`` (per record, the set of classes predicted vs present over its labelled steps;
-    per-class F1 over records, frequency-weighted) and ``seq_f1_<class>``. ``beats`` adds, for every annotated beat (from ``beat_lookup(record) -> int (n, 2)
-    [sample, AAMI class]``), the prediction of the step holding its R-peak: ``se_<C>``, ``ppv_<C>`` (left out
-    when their denominator is zero) and ``beat_accuracy``.
+    per-class F1 over records, frequency-weighted) and ``seq_f1_<class>``. Beats are scored one example per beat
+    in ``cnnapps.tasks.ecg.beats``.
     """
 
-    def __init__(self, classes: Sequence[str], target: str = "record", step: int = STEP,
-                 beat_lookup: Callable[[int], np.ndarray] | None = None) -> None:
-        if target not in ("record", "rhythm", "beats"):
-            raise ValueError(f"unknown ECG target {target!r} (record, rhythm, beats)")
-        if target == "beats" and beat_lookup is None:
-            raise ValueError("the beats target needs beat_lookup to score annotated beats")
+    def __init__(self, classes: Sequence[str], target: str = "record", step: int = STEP) -> None:
+        if target not in ("record", "rhythm"):
+            raise ValueError(f"unknown ECG target {target!r} (record, rhythm; beats: cnnapps.tasks.ecg.beats)")
         self.classes = list(classes)
-        self.target, self.step, self.beat_lookup = target, step, beat_lookup
+        self.target, self.step = target, step
         self.reset()
 
     # ---- accumulation
@@ -115,8 +111,6 @@ class ECGMetrics(Metric):
             values.update(self._record_scores(records))
         else:
             values["accuracy"] = values["seq_accuracy"]
-        if self.target == "beats":
-            values.update(self._beat_scores(records))
         return values
 
     def _set_f1(self, records: dict) -> float:
@@ -172,40 +166,12 @@ class ECGMetrics(Metric):
         out.update(ranking_scores(true, mean_probs, self.classes))
         return out
 
-    def _beats(self, records: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(true AAMI class, predicted class) of every annotated beat inside an evaluated step."""
-        true, pred = [], []
-        for record, (probs, _, _) in sorted(records.items()):
-            beats = np.asarray(self.beat_lookup(record))
-            if not len(beats):
-                continue
-            steps = beats[:, 0] // self.step
-            inside = steps < len(probs)
-            true.append(beats[inside, 1])
-            pred.append(probs[steps[inside]].argmax(1))
-        if not true:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(true).astype(np.int64), np.concatenate(pred).astype(np.int64)
-
-    def _beat_scores(self, records: dict) -> dict[str, float]:
-        true, pred = self._beats(records)
-        out: dict[str, float] = {"beat_accuracy": float((true == pred).mean()) if len(true) else 0.0}
-        cm = confusion_matrix(true, pred, labels=list(range(len(self.classes)))) if len(true) \
-            else np.zeros((len(self.classes),) * 2, np.int64)
-        for i, name in enumerate(self.classes):
-            tp, support, predicted = cm[i, i], cm[i].sum(), cm[:, i].sum()
-            if support:
-                out[f"se_{metric_key(name)}"] = float(tp / support)
-            if predicted:
-                out[f"ppv_{metric_key(name)}"] = float(tp / predicted)
-        return out
-
     # ---- for plots
     def artifacts(self) -> dict[str, Any]:
         """Confusion matrices (numpy, rows = truth), class names, and per-record step predictions.
 
         ``confusion``: records for the ``record`` target, steps otherwise; ``seq_confusion``: steps;
-        ``beat_confusion`` (beats): annotated beats; ``record_steps``: {record: predicted class per step};
+        ``record_steps``: {record: predicted class per step};
         ``record_probabilities``: {record: mean probability over valid steps (classes,)}.
         """
         records = self._records()
@@ -222,9 +188,6 @@ class ECGMetrics(Metric):
         if self.target == "record":
             rt, rp, _, _, _ = self._record_level(records)
             out["confusion"] = confusion_matrix(rt, rp, labels=labels) if len(rt) else np.zeros((k, k), int)
-        if self.target == "beats":
-            bt, bp = self._beats(records)
-            out["beat_confusion"] = confusion_matrix(bt, bp, labels=labels) if len(bt) else np.zeros((k, k), int)
         return out
 
 

@@ -116,10 +116,6 @@ def plot_confusion_matrices(artifacts: dict[str, Any], run_dir: Path, target: st
         out["confusion matrix (records)"] = "confusion.png"
     plot_confusion(artifacts["seq_confusion"], classes, run_dir / "confusion_steps.png", "256-sample steps")
     out["confusion matrix (steps)"] = "confusion_steps.png"
-    if "beat_confusion" in artifacts:
-        plot_confusion(artifacts["beat_confusion"], classes, run_dir / "confusion_beats.png",
-                       "annotated beats (AAMI)")
-        out["confusion matrix (beats)"] = "confusion_beats.png"
     return out
 
 

@@ -16,14 +16,15 @@ from torch import nn
 
 from cnnapps.engine.config import ConfigError, TrainConfig, option
 from cnnapps.engine.task import DataSplits, Task, TaskConfig, unwrap
-from cnnapps.tasks.ecg.data import (DEFAULT_RHYTHM_CLASSES, IGNORE, Augment, BeatLabeler, EvalWindows, Labeler,
+from cnnapps.tasks.ecg.beats import SCORED, BeatDataConfig, BeatHeadConfig
+from cnnapps.tasks.ecg.data import (DEFAULT_RHYTHM_CLASSES, IGNORE, Augment, EvalWindows, Labeler,
                                     RecordLabeler, RhythmLabeler, TrainWindows, class_weights, collate_windows,
                                     duplicate_records,
                                     merge_segments, n_valid_steps, record_labels_for_cinc, records_by_name,
                                     rhythm_class_lookup, step_class_counts, stratified_split, tile_sample_weights)
 from cnnapps.tasks.ecg.leads import ALL, parse_leads, same_lead
 from cnnapps.tasks.ecg.metrics import ECGMetrics
-from cnnapps.tasks.ecg.prepare import (BEAT_CLASSES, CINC_CLASSES, MITDB_DS1, MITDB_DS2, STEP, PrepParams,
+from cnnapps.tasks.ecg.prepare import (CINC_CLASSES, MITDB_DS1, MITDB_DS2, STEP, PrepParams,
                                        PreparedCache, RecordSkip, choose_lead, dataset_source, folder_source,
                                        prepare_source)
 
@@ -43,8 +44,9 @@ class ECGDataConfig:
                           "REFERENCE.csv labels) or mitdb (MIT-BIH Arrhythmia, .atr annotations)",
                           choices=("cinc2017", "mitdb"))
     target: str = option("record", help="what each 256-sample step is labelled with: record (the CinC record "
-                         "label broadcast along it), rhythm (MIT-BIH rhythm at the step centre), beats (MIT-BIH "
-                         "AAMI beat classes)", choices=("record", "rhythm", "beats"))
+                         "label broadcast along it), rhythm (MIT-BIH rhythm at the step centre), beats (one example "
+                         "per annotated MIT-BIH beat, centred on its R-peak: AAMI N, S, V, F)",
+                         choices=("record", "rhythm", "beats"))
     fs: int = option(200, help="model sampling rate in Hz (records are resampled to it; Hannun et al.: 200)", ge=1)
     lead: str = option("", help="signal name to read (e.g. MLII; aliases match, MLII ~ II); \"\": each record's first "
                        "ECG signal")
@@ -104,6 +106,8 @@ class ECGDataConfig:
         for key in ("window", "eval_window"):
             if getattr(self, key) % STEP:
                 raise ConfigError(f"data.{key} = {getattr(self, key)}: must be a multiple of {STEP} samples")
+    beats: BeatDataConfig = option(help="[data.beats]: beat windows and RR features (data.target = \"beats\")",
+                                   default_factory=BeatDataConfig)
 
 
 @dataclass
@@ -122,6 +126,8 @@ class ECGModelConfig:
     head_dropout: float = option(0.0, help="dropout before the per-step linear head", ge=0, lt=1)
     kwargs: dict = option(help="other backbone keyword arguments (for backbones other than hannun34_1d)",
                           default_factory=dict)
+    beat_head: BeatHeadConfig = option(help="[model.beat_head]: the head that joins RR features (data.target = "
+                                       "\"beats\")", default_factory=BeatHeadConfig)
 
 
 @dataclass
@@ -168,7 +174,7 @@ def _classes(target: str, d: ECGDataConfig) -> list[str]:
     if target == "record":
         return list(CINC_CLASSES)
     if target == "beats":
-        return list(BEAT_CLASSES)
+        return list(SCORED)
     if not d.rhythm_classes:
         raise ConfigError("data.rhythm_classes is empty")
     return list(d.rhythm_classes)
@@ -230,8 +236,6 @@ def _labeler(s: dict, cache: PreparedCache) -> Labeler:
         return RecordLabeler(labels, step) if (labels != IGNORE).any() else Labeler()
     if not cache.has_annotations:
         return Labeler()
-    if target == "beats":
-        return BeatLabeler(cache, step)
     lookup = rhythm_class_lookup(cache.rhythm_names, s["classes"], s.get("rhythm_aliases", ()),
                                  s.get("other_class", "OTHER"))
     return RhythmLabeler(cache, lookup, step)
@@ -290,6 +294,10 @@ class ECGTask(Task):
         d = cfg.data
         s = _settings(cfg, state)
         cache = _cache_for(s, data_root, split)
+        if s["target"] == "beats":  # one example per beat: cnnapps.tasks.ecg.beats
+            from cnnapps.tasks.ecg.beats import build_beat_data
+
+            return build_beat_data(d, s, cache, None if split == "all" else self._split(s, d, cache), state)
         _note_leads(s, cache, state is not None)
         labeler = _labeler(s, cache)
         classes = list(s["classes"])
@@ -361,6 +369,10 @@ class ECGTask(Task):
                       "increase_every": m.increase_every, **kwargs}
         backbone = create_backbone(m.backbone, features_only=False, num_classes=0,
                                    in_chans=int(data.state.get("in_chans", 1)), **kwargs)
+        if data.state.get("target") == "beats":
+            from cnnapps.tasks.ecg.beats import build_beat_model
+
+            return build_beat_model(backbone, m, data.state)
         step = int(data.state.get("step", STEP))
         reduction = backbone.feature_info.reduction(-1)
         if reduction != step:
@@ -373,6 +385,11 @@ class ECGTask(Task):
     # ---- step
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], cfg: ECGConfig) -> dict[str, Any]:
         """Cross-entropy averaged over labelled steps (class-weighted, label smoothing from the config)."""
+        if "rr" in batch:  # the beats target: one example per beat
+            from cnnapps.tasks.ecg.beats import beat_loss
+
+            logits = model(batch["x"], batch["rr"])
+            return {"loss": beat_loss(model, logits, batch["y"], cfg.train.label_smoothing), "output": logits}
         logits = model(batch["x"])
         y = batch["y"]
         if logits.shape[-1] != y.shape[-1]:
@@ -390,20 +407,20 @@ class ECGTask(Task):
     # ---- metrics and report
     def metrics(self, cfg: ECGConfig, data: DataSplits) -> ECGMetrics:
         s = data.state
-        cache = next((ds.cache for ds in (data.test, data.val, data.train) if ds is not None), None)
-        target = s["target"]
-        beats = None
-        if target == "beats":
-            if cache is not None and cache.has_annotations:
-                beats = cache.beats
-            else:  # a folder without .atr files: no beats to score, only the (empty) sequence metrics
-                target = "rhythm"
-        return ECGMetrics(s["classes"], target, int(s["step"]), beat_lookup=beats)
+        if s["target"] == "beats":
+            from cnnapps.tasks.ecg.beats import BeatMetrics
+
+            return BeatMetrics(s["classes"])
+        return ECGMetrics(s["classes"], s["target"], int(s["step"]))
 
     def report(self, run_dir: Path, metric: ECGMetrics, data: DataSplits) -> dict[str, str]:
         """Confusion matrices and an ECG strip coloured by predicted rhythm; returns {what: relative path}."""
         from cnnapps.tasks.ecg.plots import plot_confusion_matrices, plot_example_strip
 
+        if data.state["target"] == "beats":
+            from cnnapps.tasks.ecg.beats import beat_report
+
+            return beat_report(run_dir, metric, data)
         run_dir = Path(run_dir)
         artifacts = metric.artifacts()
         out = plot_confusion_matrices(artifacts, run_dir, data.state["target"])
@@ -419,10 +436,17 @@ class ECGTask(Task):
     def bench_report(self, cfg: ECGConfig, run_dir: Path, results_dir: Path, key: str) -> dict[str, Any]:
         """The headline facts of a finished run for its results section: the network actually trained, the label
         file, the split and the record-level rule, the confusion matrix; the default run's strip and confusion
-        pictures are copied into ``results_dir``. See ``cnnapps.tasks.ecg.bench.headline``."""
+        pictures are copied into ``results_dir``; for beats, ours beside de Chazal et al. (2004). See
+        ``cnnapps.tasks.ecg.bench.headline``."""
         from cnnapps.tasks.ecg.bench import headline
 
-        return headline(self, cfg, Path(run_dir), Path(results_dir), key)
+        report = headline(self, cfg, Path(run_dir), Path(results_dir), key)
+        if cfg.data.target == "beats" and (Path(run_dir) / "metrics.json").is_file():  # ours beside de Chazal's
+            from cnnapps.tasks.ecg.beats import comparison_table
+
+            test = json.loads((Path(run_dir) / "metrics.json").read_text())
+            report.setdefault("tables", []).append(comparison_table(test))
+        return report
 
     # ---- predict
     def predict_options(self, parser: Any) -> None:
@@ -435,7 +459,9 @@ class ECGTask(Task):
                 plot: bool = False, out_dir: str | Path | None = None, lead: str | None = None,
                 **kw: Any) -> Iterator[dict]:
         """One dict per WFDB record path (any sampling rate and lead count): record, fs, duration_s, label,
-        probabilities (mean over the record), segments [{start_s, end_s, rhythm}] of equal consecutive steps."""
+        probabilities (mean over the record), segments [{start_s, end_s, rhythm}] of equal consecutive steps.
+        A beats model gives instead beat_counts {class: n} and beats [{time_s, class, p}], one per R-peak
+        detected (``cnnapps.tasks.ecg.beats.classify_beats``)."""
         from cnnapps.tasks.ecg.prepare import prepare_signals, read_leads
 
         classes, step, fs = list(state["classes"]), int(state["step"]), int(state["fs"])
@@ -446,7 +472,7 @@ class ECGTask(Task):
             record = str(Path(path).with_suffix("")) if Path(path).suffix in (".hea", ".dat", ".mat") else path
             try:
                 wanted = parse_leads(lead) if lead else _model_leads(state)
-                if wanted and len(wanted) != max(1, int(state.get("in_chans", 1))):
+                if wanted and len(wanted) != max(1, int(state.get("n_leads") or state.get("in_chans", 1))):
                     raise RecordSkip("lead_not_found", f"--lead {lead}: the model reads {state.get('in_chans')} "
                                      f"lead(s) ({', '.join(_model_leads(state))})")
                 # the training leads stand in for themselves where a record has them; a lead named on the
@@ -459,6 +485,11 @@ class ECGTask(Task):
                 x, _ = prepare_signals(raw, fs_in, params, record, choice.names)
             except (RecordSkip, ValueError) as exc:  # ValueError: a --lead list that repeats a lead
                 yield {"record": path, "error": f"{getattr(exc, 'reason', 'bad_lead')}: {exc}"}
+                continue
+            if state["target"] == "beats":
+                yield _predict_beats(model, x, state, device, path, record,
+                                     {"fs": fs_in, "lead": lead_name, "leads": list(choice.names),
+                                      "duration_s": round(len(raw) / fs_in, 3)})
                 continue
             probs = _predict_steps(model, x, chunk, step, device)
             valid = n_valid_steps(len(x), step)
@@ -487,11 +518,16 @@ class ECGTask(Task):
 
     # ---- bench hook
     def bench_extra(self, cfg: ECGConfig, data_root: Path) -> dict[str, float]:
-        """Windows per second from the prepared cache and from WFDB files (see ``cnnapps.tasks.ecg.bench``)."""
+        """Windows per second from the prepared cache and from WFDB files (see ``cnnapps.tasks.ecg.bench``); for
+        the beats target, the QRS detector's Se and +P on the test records (``cnnapps.tasks.ecg.qrs``)."""
         from cnnapps.tasks.ecg.bench import windows_per_second_cache, windows_per_second_wfdb
 
         s = _settings(cfg, None)
         cache = prepare_source(dataset_source(Path(data_root), s["dataset"]), _params(s))
+        if s["target"] == "beats":  # the QRS detector on the test records instead of crop throughput
+            from cnnapps.tasks.ecg.qrs import detector_scores
+
+            return detector_scores(cache, records_by_name(cache, cfg.data.test_records, "data.test_records"))
         return {"windows_per_s_cache": windows_per_second_cache(cache, s["window"]),
                 "windows_per_s_wfdb": windows_per_second_wfdb(cache, s["window"])}
 
@@ -543,6 +579,20 @@ def _lead_in_record(record: str, lead: str) -> str:
         return ""
     except Exception:  # unreadable header: read_lead reports it with the reason
         return lead
+
+
+def _predict_beats(model: nn.Module, x: np.ndarray, state: dict, device: torch.device, path: str, record: str,
+                   row: dict[str, Any]) -> dict[str, Any]:
+    """``predict``'s row for a beats model: R-peaks detected, each beat classified (``row`` holds the record's
+    facts); an error row when no two R-peaks are found."""
+    from cnnapps.tasks.ecg.beats import beat_rows, classify_beats
+    from cnnapps.tasks.ecg.qrs import QRSDetectionError
+
+    try:
+        pred = classify_beats(model, x, state, device, where=record)
+    except QRSDetectionError as exc:
+        return {"record": path, "error": f"no_beats: {exc}"}
+    return {"record": path, **row, **beat_rows(pred, state)}
 
 
 def _predict_steps(model: nn.Module, x: np.ndarray, chunk: int, step: int, device: torch.device) -> np.ndarray:
