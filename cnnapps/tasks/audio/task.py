@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnapps.engine.config import ConfigError, TrainConfig
+from cnnapps.engine.config import ConfigError, TrainConfig, option
 from cnnapps.tasks.audio.data import (AudioReadError, ClipDataset, SplitLists, build_clip_datasets, fix_length,
                                       iter_audio_blocks, limit_per_class, list_any, list_class_folders, list_fsdd,
                                       split_fsdd_speaker, split_fsdd_usual, split_stratified)
@@ -34,45 +34,82 @@ INPUTS = ("spectrogram", "waveform")
 class AudioDataConfig:
     """``[data]``: which files, how they are split, and how clips are cut."""
 
-    dataset: str = "fsdd"  # fsdd | folder (<class>/*.wav)
-    path: str = "fsdd"  # relative to the data root, or absolute
-    split: str = "usual"  # fsdd: usual | speaker; folder: always a seeded stratified split
-    test_speakers: list[str] = field(default_factory=lambda: ["theo"])  # split = "speaker"
-    val_speakers: list[str] = field(default_factory=list)  # split = "speaker"; empty: val_indices of the others
-    val_indices: list[int] = field(default_factory=lambda: [5, 6, 7, 8, 9])  # fsdd: recordings used for validation
-    val_fraction: float = 0.1  # folder
-    test_fraction: float = 0.2  # folder
-    max_per_class: int = 0  # keep at most N files per class in each split (CI); 0: all
-    seed: int = 0  # folder split and max_per_class choice
-    sample_rate: int = 8000  # every file is resampled to this rate
-    clip_seconds: float = 1.0  # fixed input length: pad or crop (centred at evaluation)
-    time_shift: float = 0.15  # training: random placement within +-this many seconds of the centre
+    dataset: str = option("fsdd", help="fsdd (FSDD's {digit}_{speaker}_{index}.wav names) or folder "
+                          "(<class>/*.wav, class = sub-folder name)", choices=("fsdd", "folder"))
+    path: str = option("fsdd", help="the data folder: relative to the data root, or absolute")
+    split: str = option("usual", help="fsdd: usual (recordings 0-4 of every speaker and digit are test) or speaker "
+                        "(test_speakers held out); folder: always a seeded stratified split",
+                        choices=("usual", "speaker"))
+    test_speakers: list[str] = option(help="split = speaker: the speakers whose every recording is test",
+                                      default_factory=lambda: ["theo"])
+    val_speakers: list[str] = option(help="split = speaker: speakers kept for validation; empty: the val_indices "
+                                     "recordings of the training speakers", default_factory=list)
+    val_indices: list[int] = option(help="fsdd: recording indices used for validation (0-4 are test)",
+                                    default_factory=lambda: [5, 6, 7, 8, 9], ge=0)
+    val_fraction: float = option(0.1, help="folder: share of each class for validation", ge=0, lt=1)
+    test_fraction: float = option(0.2, help="folder: share of each class for test", ge=0, lt=1)
+    max_per_class: int = option(0, help="keep at most N files per class in each split (CI); 0: all", ge=0)
+    seed: int = option(0, help="seed of the folder split and of the max_per_class choice")
+    sample_rate: int = option(8000, help="every file is mixed to mono and resampled to this rate (Hz) before the "
+                              "front end, in training and predict alike", gt=0)
+    clip_seconds: float = option(1.0, help="the model's input length: shorter files are padded, longer ones "
+                                 "cropped (centred at evaluation)", gt=0)
+    time_shift: float = option(0.15, help="training: random placement within +- this many seconds of the centre",
+                               ge=0)
+
+    def check(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction ({self.val_fraction}) + data.test_fraction "
+                              f"({self.test_fraction}) must be below 1")
 
 
 @dataclass
 class AudioModelConfig:
     """``[model]``: the on-device front end, its augmentation, and the backbone."""
 
-    input: str = "spectrogram"  # spectrogram (2D backbone) | waveform (1D backbone)
-    backbone: str = "resnet18"
-    kwargs: dict = field(default_factory=dict)  # extra keyword arguments of the backbone
-    features: str = "logmel"  # logmel | mfcc (input = spectrogram)
-    n_fft: int = 256
-    hop_length: int = 128
-    n_mels: int = 64
-    n_mfcc: int = 40
-    f_min: float = 20.0
-    f_max: float = 0.0  # 0: sample_rate / 2
-    top_db: float = 80.0
-    peak_normalize: bool = True  # scale each clip to peak 1 (FSDD speakers differ by 20 dB in level)
-    gain_db: float = 6.0  # training: random gain in +-gain_db
-    noise_prob: float = 0.3  # training: share of clips that get white noise
-    noise_snr_db: list[float] = field(default_factory=lambda: [10.0, 40.0])  # SNR range of that noise
-    freq_mask: int = 8  # SpecAugment: widest frequency mask (bins); 0: off
-    time_mask: int = 8  # SpecAugment: widest time mask (frames); 0: off
-    num_freq_masks: int = 2
-    num_time_masks: int = 2
-    mixup_alpha: float = 0.0  # mixup of waveforms and targets in training, Beta(alpha, alpha); 0: off
+    input: str = option("spectrogram", help="spectrogram (a 2D backbone on log-mel or MFCC images) or waveform "
+                        "(a 1D backbone on samples)", choices=INPUTS)
+    backbone: str = option("resnet18", help="zoo backbone name (2D for spectrogram, 1D for waveform)")
+    kwargs: dict = option(help="extra keyword arguments of the backbone", default_factory=dict)
+    features: str = option("logmel", help="input = spectrogram: logmel or mfcc", choices=("logmel", "mfcc"))
+    n_fft: int = option(256, help="STFT size (samples)", ge=8)
+    hop_length: int = option(128, help="STFT hop (samples); frames = 1 + samples // hop_length", ge=1)
+    n_mels: int = option(64, help="mel bands", ge=1)
+    n_mfcc: int = option(40, help="features = mfcc: coefficients kept (<= n_mels)", ge=1)
+    f_min: float = option(20.0, help="lowest mel frequency (Hz)", ge=0)
+    f_max: float = option(0.0, help="highest mel frequency (Hz); 0: sample_rate / 2", ge=0)
+    top_db: float = option(80.0, help="dynamic range kept below each clip's loudest cell (dB)", gt=0)
+    peak_normalize: bool = option(True, help="scale each clip to peak 1 (FSDD speakers differ by 20 dB in level)")
+    gain_db: float = option(6.0, help="training: random gain in +- gain_db (dB); 0: off", ge=0)
+    noise_prob: float = option(0.3, help="training: share of clips that get additive noise", ge=0, le=1)
+    noise_snr_db: list[float] = option(help="[low, high] SNR range of that noise (dB)",
+                                       default_factory=lambda: [10.0, 40.0])
+    noise_colour: str = option("white", help="that noise: white, or coloured (power ~ 1/f**e, e uniform in 0..2: "
+                               "white to brown, like hum and room noise)", choices=("white", "coloured"))
+    speed: float = option(0.0, help="training: speed perturbation, each clip played at a rate uniform in 1 +- "
+                          "speed (tempo and pitch together); 0: off", ge=0, lt=0.5)
+    pitch: float = option(0.0, help="training: vocal-tract-length perturbation, each clip's frequency axis scaled "
+                          "by a factor uniform in 1 +- pitch (pitch and formants, not tempo); 0: off", ge=0, lt=0.5)
+    eq_db: float = option(0.0, help="training: random filtering (a smooth random gain curve over frequency of up "
+                          "to +- eq_db dB, like other microphones and rooms); 0: off", ge=0)
+    eq_prob: float = option(0.5, help="training: share of clips that get that filter", ge=0, le=1)
+    resample_rates: list[int] = option(help="training: rates (Hz) a clip may be resampled through and back before "
+                                       "the front end (a recording made or sent at that rate)",
+                                       default_factory=list, gt=0)
+    resample_prob: float = option(0.0, help="training: share of clips resampled through one of resample_rates",
+                                  ge=0, le=1)
+    freq_mask: int = option(8, help="SpecAugment: widest frequency mask (bins); 0: off", ge=0)
+    time_mask: int = option(8, help="SpecAugment: widest time mask (frames); 0: off", ge=0)
+    num_freq_masks: int = option(2, help="SpecAugment: frequency masks per clip", ge=0)
+    num_time_masks: int = option(2, help="SpecAugment: time masks per clip", ge=0)
+    mixup_alpha: float = option(0.0, help="mixup of waveforms and targets in training, Beta(alpha, alpha); 0: off",
+                                ge=0)
+
+    def check(self) -> None:
+        if len(self.noise_snr_db) != 2 or self.noise_snr_db[0] > self.noise_snr_db[1]:
+            raise ConfigError(f"model.noise_snr_db = {self.noise_snr_db}: expected [low, high] with low <= high")
+        if self.input == "spectrogram" and self.features == "mfcc" and self.n_mfcc > self.n_mels:
+            raise ConfigError(f"model.n_mfcc = {self.n_mfcc}: must be <= model.n_mels ({self.n_mels})")
 
 
 @dataclass
@@ -122,7 +159,9 @@ def make_frontend(m: AudioModelConfig, sample_rate: int) -> AudioFrontEnd:
                          n_mels=m.n_mels, n_mfcc=m.n_mfcc, f_min=m.f_min, f_max=m.f_max, top_db=m.top_db,
                          peak_normalize=m.peak_normalize, gain_db=m.gain_db, noise_prob=m.noise_prob,
                          noise_snr_db=(m.noise_snr_db[0], m.noise_snr_db[1]), freq_mask=m.freq_mask,
-                         time_mask=m.time_mask, num_freq_masks=m.num_freq_masks, num_time_masks=m.num_time_masks)
+                         time_mask=m.time_mask, num_freq_masks=m.num_freq_masks, num_time_masks=m.num_time_masks,
+                         speed=m.speed, pitch=m.pitch, eq_db=m.eq_db, eq_prob=m.eq_prob, noise_colour=m.noise_colour,
+                         resample_rates=m.resample_rates, resample_prob=m.resample_prob)
 
 
 def _resolve(data_root: Path, path: str) -> Path:
