@@ -67,13 +67,21 @@ def format_markdown(doc: dict) -> str:
                 lines.append(f"| {key} | {r[key]} |")
         if r["overrides"]:
             lines.append(f"| overrides | {' '.join(r['overrides'])} |")
-        lines += ["", "Test split:", "", "| metric | value |", "| --- | --- |"]
+        several = "runs" in r.get("tables", {})
+        lines += ["", "Test split (mean over the runs below):" if several else "Test split:", "", "| metric | value |",
+                  "| --- | --- |"]
         for k, v in r["test"].items():
             lines.append(f"| {k} | {cell(v)} |")
         if r["extra"]:
             lines += ["", "Extra measurements:", "", "| measurement | value |", "| --- | --- |"]
             for k, v in r["extra"].items():
                 lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+        for title, table in r.get("tables", {}).items():
+            lines += ["", f"{title}:", ""]
+            if table.get("note"):
+                lines += [table["note"], ""]
+            lines += [table_row(table["columns"]), "| " + " | ".join("---" for _ in table["columns"]) + " |"]
+            lines += [table_row(row) for row in table["rows"]]
         lines += ["", "<details><summary>resolved config</summary>", "", "```toml",
                   dumps_toml(r["resolved_config"]).rstrip(), "```", "", "</details>"]
     return "\n".join(lines) + "\n"

@@ -27,22 +27,67 @@ def run_task_bench(task: Task, config: str | Path | None, data_root: Path, overr
     results_dir.mkdir(parents=True, exist_ok=True)
     name = name or task.name
     facts = run_facts(resolve_device(cfg.train.device))  # the commit and time the run started from
+    runs = task.bench_runs(cfg, data_root)
+    fits, measured = [], []
     with tempfile.TemporaryDirectory(prefix=f"cnnapps-bench-{task.name}-") as tmp:
         t0 = time.perf_counter()
-        result = fit(task, cfg, Path(tmp) / "run", data_root, quiet=quiet)
+        for run_name, run_cfg in runs:
+            t_run = time.perf_counter()
+            result = fit(task, run_cfg, Path(tmp) / (run_name or "run"), data_root, quiet=quiet)
+            fits.append((run_name, run_cfg, result, time.perf_counter() - t_run))
+            measured.append(task.bench_measure(run_cfg, data_root, result.run_dir, results_dir))
         wall = time.perf_counter() - t0
-    history = result.history
+    history = [h for _, _, result, _ in fits for h in result.history]
     throughput = sum(h["samples_per_s"] for h in history) / max(len(history), 1)
     extra: dict[str, Any] = task.bench_extra(cfg, data_root)
+    tables: dict[str, Any] = {}
+    for (run_name, *_), m in zip(fits, measured):
+        where = f"{run_name}: " if len(fits) > 1 else ""
+        extra.update({f"{where}{k}": v for k, v in m.get("extra", {}).items()})
+        tables.update({f"{title} ({run_name})" if where else title: t for title, t in m.get("tables", {}).items()})
+    monitor = cfg.train.monitor or task.monitor
+    if len(fits) == 1:
+        test = fits[0][2].test_metrics
+        train_seconds, epochs = fits[0][2].train_seconds, fits[0][2].epochs_run
+    else:
+        test, fold_extra, fold_table = _combine_folds(fits, monitor)
+        extra.update(fold_extra)
+        tables = {"runs": fold_table, **tables}
+        train_seconds = sum(r.train_seconds for _, _, r, _ in fits)
+        epochs = max(r.epochs_run for _, _, r, _ in fits)
     record = {
         "task": task.name, "config": config_label(config, task.config_dir()),
         "overrides": overrides or [], **facts,
-        "load_at_end": load_average(), "wall_seconds": round(wall, 2), "train_seconds": round(result.train_seconds, 2),
-        "epochs": result.epochs_run, "train_samples_per_s": round(throughput, 2),
-        "monitor": cfg.train.monitor or task.monitor, "test": result.test_metrics, "extra": extra,
+        "load_at_end": load_average(), "wall_seconds": round(wall, 2), "train_seconds": round(train_seconds, 2),
+        "epochs": epochs, "train_samples_per_s": round(throughput, 2),
+        "monitor": monitor, "test": test, "extra": extra,
         "resolved_config": to_dict(cfg),
     }
+    if tables:
+        record["tables"] = tables
     return write_run(record, results_dir, name)
+
+
+def _combine_folds(fits: list, monitor: str) -> tuple[dict, dict, dict]:
+    """Several bench runs (folds) as one record: the mean of every numeric test metric they share, the monitor's
+    mean, minimum, maximum and standard deviation, and a table of one row per run."""
+    import statistics
+
+    shared = set.intersection(*(set(r.test_metrics) for _, _, r, _ in fits))
+    test = {k: statistics.fmean(float(r.test_metrics[k]) for _, _, r, _ in fits) for k in sorted(shared)
+            if all(isinstance(r.test_metrics[k], (int, float)) for _, _, r, _ in fits)}
+    values = [float(r.test_metrics.get(monitor, float("nan"))) for _, _, r, _ in fits]
+    worst = min(range(len(fits)), key=lambda i: values[i])
+    extra = {f"{monitor} mean over runs": round(statistics.fmean(values), 4),
+             f"{monitor} min over runs": round(values[worst], 4), "worst run": fits[worst][0],
+             f"{monitor} max over runs": round(max(values), 4),
+             f"{monitor} std over runs": round(statistics.pstdev(values), 4),
+             "runs": len(fits),
+             "longest run training time (s)": round(max(r.train_seconds for _, _, r, _ in fits), 2)}
+    table = {"columns": ["run", monitor, "training time (s)", "wall time (s)", "epochs", "best epoch"],
+             "rows": [[n, round(float(r.test_metrics.get(monitor, float("nan"))), 4), round(r.train_seconds, 2),
+                       round(w, 2), r.epochs_run, r.best_epoch] for n, _, r, w in fits]}
+    return test, extra, table
 
 
 def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir: Path | None = None,

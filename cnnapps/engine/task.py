@@ -119,6 +119,19 @@ class Task:
         """Task-specific measurements that ``bench`` adds to the results file (pipeline throughput, ...)."""
         return {}
 
+    def bench_runs(self, cfg: TaskConfig, data_root: Path) -> list[tuple[str, TaskConfig]]:
+        """The trainings one ``bench`` record is made of: ``[("", cfg)]``, one run, by default. A task may return
+        several named configs (the folds of a cross-validation); bench then trains and tests each, keeps each
+        one's test metrics, and reports their mean with the monitor's minimum, maximum and spread."""
+        return [("", cfg)]
+
+    def bench_measure(self, cfg: TaskConfig, data_root: Path, run_dir: Path, results_dir: Path) -> dict[str, Any]:
+        """Measurements made with a finished bench run's trained model (``run_dir/checkpoints/best.pt``) before
+        its folder is deleted: ``{"extra": {name: value}, "tables": {title: {"columns": [...], "rows": [[...]],
+        "note": "..."}}}``, either part optional; bench adds them to the results record. Pictures worth keeping
+        go to ``results_dir``."""
+        return {}
+
     def speed_measurements(self, data_root: Path | None) -> dict[str, Any]:
         """Task-specific speed numbers for ``bench --speed`` (data pipelines, front ends): {name: value}.
         ``data_root`` is None where no data is present; return what can be measured without it."""
