@@ -274,3 +274,61 @@ def test_smoke_fit_checkpoint_and_predict_round_trip(tmp_path: Path):
 
     values = evaluate_checkpoints(task, [run / "checkpoints" / "best.pt"], DATA, split="test", quiet=True).values
     assert values["accuracy"] == pytest.approx(result.test_metrics["accuracy"])
+
+
+# ---------------------------------------------------------------- bench: timeline, long file, leave-one-speaker-out
+
+
+def _small_fsdd(folder: Path, speakers: tuple[str, ...], indices: tuple[int, ...]) -> Path:
+    """A copy of a few FSDD recordings in the FSDD layout (test 0-4, validation 5-9, train 10+)."""
+    rec = folder / "fsdd" / "recordings"
+    rec.mkdir(parents=True)
+    for s in speakers:
+        for d in range(10):
+            for i in indices:
+                shutil.copy(DATA / "fsdd" / "recordings" / f"{d}_{s}_{i}.wav", rec)
+    return folder
+
+
+@needs_fsdd
+def test_bench_writes_the_timeline_benchmark_and_the_long_file_measurement(tmp_path: Path):
+    from cnnapps.bench.run import run_task_bench
+
+    root = _small_fsdd(tmp_path / "data", ("jackson", "theo"), (0, 5, 10, 11))
+    md = run_task_bench(AudioTask(), "ci", root, overrides=[
+        "train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=8", "train.threads=1",
+        "bench.timeline_pauses=[[0.3, 1.0]]", "bench.long_file_minutes=0.1", "bench.picture=timeline.png"],
+        results_dir=tmp_path / "results", quiet=True)
+    doc = json.loads(md.with_suffix(".json").read_text())
+    run = doc["runs"]["ci"]
+    table = run["tables"]["timeline benchmark"]
+    assert [r[0] for r in table["rows"]] == ["0.3-1"] and table["rows"][0][1:3] == [2, 20]  # 2 recordings, 20 digits
+    assert 0 <= run["extra"]["timeline event F1"] <= 1
+    (long,) = run["tables"]["long-file predict"]["rows"]
+    assert long[0] == "0.1 min" and long[-1] == 1 and long[7] >= long[6] > 0
+    assert (tmp_path / "results" / "timeline.png").stat().st_size > 0
+    text = md.read_text()
+    assert "timeline benchmark:" in text and "| pauses (s) |" in text and "long-file predict:" in text
+
+
+@needs_fsdd
+def test_bench_leave_one_speaker_out_runs_each_speaker_once_and_reports_the_spread(tmp_path: Path):
+    from cnnapps.bench.run import run_task_bench
+
+    root = _small_fsdd(tmp_path / "data", ("jackson", "theo", "yweweler"), (0, 5, 10))
+    cfg = load_config(AudioConfig, CONFIGS / "fsdd_loso.toml")
+    folds = AudioTask().bench_runs(cfg, root)
+    assert [name for name, _ in folds] == ["jackson", "theo", "yweweler"]
+    assert all(c.data.split == "speaker" and c.data.test_speakers == [n] and not c.bench.loso for n, c in folds)
+    md = run_task_bench(AudioTask(), "fsdd_loso", root, overrides=[
+        "train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=8", "train.threads=1"],
+        results_dir=tmp_path / "results", quiet=True)
+    run = json.loads(md.with_suffix(".json").read_text())["runs"]["fsdd_loso"]
+    rows = run["tables"]["runs"]["rows"]
+    assert [r[0] for r in rows] == ["jackson", "theo", "yweweler"]
+    accs = [r[1] for r in rows]
+    assert run["extra"]["accuracy mean over runs"] == pytest.approx(np.mean(accs), abs=1e-4)
+    assert run["extra"]["accuracy min over runs"] == min(accs) and run["extra"]["runs"] == 3
+    assert run["test"]["accuracy"] == pytest.approx(np.mean(accs), abs=1e-4)
+    assert run["test"]["examples"] == 30  # every recording of the held-out speaker (indices 0, 5 and 10)
+    assert "Test split (mean over the runs below)" in md.read_text()

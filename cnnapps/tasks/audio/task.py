@@ -188,7 +188,8 @@ class AudioConfig(TaskConfig):
     data: AudioDataConfig = field(default_factory=AudioDataConfig)
     model: AudioModelConfig = field(default_factory=AudioModelConfig)
     predict: AudioPredictConfig = field(default_factory=AudioPredictConfig)
-    bench: AudioBenchConfig = field(default_factory=lambda: AudioBenchConfig(long_file_minutes=60.0))
+    bench: AudioBenchConfig = field(default_factory=lambda: AudioBenchConfig(long_file_minutes=60.0,
+                                                                             picture="audio_timeline.png"))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=8, batch_size=64, optimizer="adamw", lr=0.002, weight_decay=0.01, schedule="onecycle",
         label_smoothing=0.05, threads=2))
@@ -565,7 +566,7 @@ class AudioTask(Task):
             if b.long_file_minutes > 0:
                 rows = []
                 threads = cfg.train.threads if cfg.train.threads > 0 else 0
-                for minutes in sorted({1.0, float(b.long_file_minutes)}):
+                for minutes in sorted({min(1.0, b.long_file_minutes), b.long_file_minutes}):
                     wav = Path(tmp) / f"long_{minutes:g}min.wav"
                     made = write_long_recording(test, int(state["sample_rate"]), minutes, wav, b.timeline_seed)
                     m = measure_long_predict(checkpoint, wav, threads, cfg_ck.predict.batch_size)
