@@ -332,3 +332,37 @@ def test_bench_leave_one_speaker_out_runs_each_speaker_once_and_reports_the_spre
     assert run["test"]["accuracy"] == pytest.approx(np.mean(accs), abs=1e-4)
     assert run["test"]["examples"] == 30  # every recording of the held-out speaker (indices 0, 5 and 10)
     assert "Test split (mean over the runs below)" in md.read_text()
+
+
+@needs_fsdd
+def test_loso_ablation_reruns_the_chosen_folds_without_each_augmentation():
+    cfg = load_config(AudioConfig, CONFIGS / "fsdd_loso.toml",
+                      ["bench.loso_speakers=[theo, george]", "bench.ablate=[speed, specaugment]", "model.speed=0.1"])
+    runs = AudioTask().bench_runs(cfg, DATA)
+    assert [n for n, _ in runs] == ["all/george", "all/theo", "no speed/george", "no speed/theo",
+                                    "no specaugment/george", "no specaugment/theo"]
+    by = dict(runs)
+    assert by["all/theo"].model.speed == 0.1 and by["no speed/theo"].model.speed == 0.0
+    assert by["no specaugment/george"].model.freq_mask == 0 and by["no specaugment/george"].model.speed == 0.1
+    assert by["no speed/theo"].data.test_speakers == ["theo"] and not by["no speed/theo"].bench.ablate
+    with pytest.raises(ConfigError, match="bench.loso_speakers: unknown speaker"):
+        AudioTask().bench_runs(load_config(AudioConfig, CONFIGS / "fsdd_loso.toml", ["bench.loso_speakers=[bob]"]),
+                               DATA)
+    with pytest.raises(ConfigError, match="bench.ablate"):
+        load_config(AudioConfig, CONFIGS / "fsdd_loso.toml", ["bench.ablate=[volume]"])
+
+
+def test_bench_summarises_ablation_groups_separately():
+    from cnnapps.bench.run import _combine_folds
+    from cnnapps.engine.trainer import FitResult
+
+    def fit(acc: float) -> FitResult:
+        return FitResult(Path("."), {"accuracy": acc, "examples": 500}, 3, acc, 4, 10.0)
+
+    fits = [(n, None, fit(a), 12.0) for n, a in (("all/a", 0.9), ("all/b", 0.8), ("no speed/a", 0.7),
+                                                   ("no speed/b", 0.6))]
+    test, extra, table = _combine_folds(fits, "accuracy")
+    assert test["accuracy"] == pytest.approx(0.85)  # the first group's mean
+    assert extra["all: accuracy mean over runs"] == 0.85 and extra["no speed: accuracy mean over runs"] == 0.65
+    assert extra["no speed: worst run"] == "no speed/b" and extra["runs"] == 4
+    assert [r[0] for r in table["rows"]] == ["all/a", "all/b", "no speed/a", "no speed/b"]

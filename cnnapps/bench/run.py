@@ -70,23 +70,36 @@ def run_task_bench(task: Task, config: str | Path | None, data_root: Path, overr
 
 def _combine_folds(fits: list, monitor: str) -> tuple[dict, dict, dict]:
     """Several bench runs (folds) as one record: the mean of every numeric test metric they share, the monitor's
-    mean, minimum, maximum and standard deviation, and a table of one row per run."""
+    mean, minimum, maximum and standard deviation, and a table of one row per run. Runs named ``group/fold``
+    (variants of an ablation, each over the same folds) are summarised per group, and the record's test values
+    are those of the first group."""
     import statistics
 
-    shared = set.intersection(*(set(r.test_metrics) for _, _, r, _ in fits))
-    test = {k: statistics.fmean(float(r.test_metrics[k]) for _, _, r, _ in fits) for k in sorted(shared)
-            if all(isinstance(r.test_metrics[k], (int, float)) for _, _, r, _ in fits)}
-    values = [float(r.test_metrics.get(monitor, float("nan"))) for _, _, r, _ in fits]
-    worst = min(range(len(fits)), key=lambda i: values[i])
-    extra = {f"{monitor} mean over runs": round(statistics.fmean(values), 4),
-             f"{monitor} min over runs": round(values[worst], 4), "worst run": fits[worst][0],
-             f"{monitor} max over runs": round(max(values), 4),
-             f"{monitor} std over runs": round(statistics.pstdev(values), 4),
-             "runs": len(fits),
-             "longest run training time (s)": round(max(r.train_seconds for _, _, r, _ in fits), 2)}
+    def value(r: Any) -> float:
+        return float(r.test_metrics.get(monitor, float("nan")))
+
+    groups: dict[str, list] = {}
+    for fit_ in fits:
+        groups.setdefault(fit_[0].split("/", 1)[0] if "/" in fit_[0] else "", []).append(fit_)
+    first = next(iter(groups.values()))
+    shared = set.intersection(*(set(r.test_metrics) for _, _, r, _ in first))
+    test = {k: statistics.fmean(float(r.test_metrics[k]) for _, _, r, _ in first) for k in sorted(shared)
+            if all(isinstance(r.test_metrics[k], (int, float)) for _, _, r, _ in first)}
+    extra: dict[str, Any] = {}
+    for group, members in groups.items():
+        values = [value(r) for _, _, r, _ in members]
+        worst = min(range(len(members)), key=lambda i: values[i])
+        where = f"{group}: " if group else ""
+        extra.update({f"{where}{monitor} mean over runs": round(statistics.fmean(values), 4),
+                      f"{where}{monitor} min over runs": round(values[worst], 4),
+                      f"{where}worst run": members[worst][0],
+                      f"{where}{monitor} max over runs": round(max(values), 4),
+                      f"{where}{monitor} std over runs": round(statistics.pstdev(values), 4)})
+    extra["runs"] = len(fits)
+    extra["longest run training time (s)"] = round(max(r.train_seconds for _, _, r, _ in fits), 2)
     table = {"columns": ["run", monitor, "training time (s)", "wall time (s)", "epochs", "best epoch"],
-             "rows": [[n, round(float(r.test_metrics.get(monitor, float("nan"))), 4), round(r.train_seconds, 2),
-                       round(w, 2), r.epochs_run, r.best_epoch] for n, _, r, w in fits]}
+             "rows": [[n, round(value(r), 4), round(r.train_seconds, 2), round(w, 2), r.epochs_run, r.best_epoch]
+                      for n, _, r, w in fits]}
     return test, extra, table
 
 

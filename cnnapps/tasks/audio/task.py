@@ -28,6 +28,12 @@ from cnnapps.engine.task import DataSplits, Task, TaskConfig
 log = logging.getLogger(__name__)
 
 INPUTS = ("spectrogram", "waveform")
+# What each ablation name switches off (model fields set to these values).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "speed": {"speed": 0.0}, "pitch": {"pitch": 0.0}, "filter": {"eq_db": 0.0}, "colour": {"noise_colour": "white"},
+    "resample": {"resample_prob": 0.0}, "noise": {"noise_prob": 0.0}, "gain": {"gain_db": 0.0},
+    "specaugment": {"freq_mask": 0, "time_mask": 0},
+}
 
 
 # ---------------------------------------------------------------- config
@@ -156,6 +162,11 @@ class AudioBenchConfig:
 
     loso: bool = option(False, help="leave-one-speaker-out: one run per speaker of the data (data.split = "
                         "speaker with that speaker as test), reported as mean, minimum and spread of accuracy")
+    loso_speakers: list[str] = option(help="loso: only these held-out speakers (a cheaper ablation, said in the "
+                                      "record); empty: every speaker", default_factory=list)
+    ablate: list[str] = option(help="loso: also rerun the folds once without each of these augmentations (an "
+                               "ablation; runs named '<variant>/<speaker>')", default_factory=list,
+                               choices=tuple(ABLATIONS))
     timeline: bool = option(True, help="score long recordings built from the test clips (event F1, sequence "
                             "accuracy, onset and offset errors) with the trained model")
     timeline_digits: int = option(10, help="timeline: test clips per recording (one speaker per recording)", ge=1)
@@ -492,22 +503,36 @@ class AudioTask(Task):
                 "frontend": f"{fe['features']} {fe['output_shape']} per clip, batch {fe['batch_size']}"}
 
     def bench_runs(self, cfg: AudioConfig, data_root: Path) -> list[tuple[str, AudioConfig]]:
-        """One run, or with ``bench.loso`` one per FSDD speaker of the data: that speaker's 500 recordings are
-        test, the others train (validation: recordings data.val_indices of the training speakers). The folds
-        skip the timeline benchmark (its recordings would hold the held-out speaker only)."""
+        """One run, or with ``bench.loso`` one per FSDD speaker of the data (or of ``bench.loso_speakers``): that
+        speaker's 500 recordings are test, the others train (validation: recordings data.val_indices of the
+        training speakers). With ``bench.ablate``, the folds are run once with everything and once more per
+        named augmentation with it switched off. The folds skip the timeline benchmark (its recordings would hold
+        the held-out speaker only)."""
         if not cfg.bench.loso:
             return [("", cfg)]
         if cfg.data.dataset != "fsdd":
             raise ConfigError("bench.loso needs data.dataset = 'fsdd' (speakers come from FSDD file names)")
         speakers = sorted({e.speaker for e in list_fsdd(_resolve(Path(data_root), cfg.data.path), Counter())})
-        if len(speakers) < 2:
+        if cfg.bench.loso_speakers:
+            unknown = sorted(set(cfg.bench.loso_speakers) - set(speakers))
+            if unknown:
+                raise ConfigError(f"bench.loso_speakers: unknown speaker(s) {', '.join(unknown)}; the data has "
+                                  f"{', '.join(speakers)}")
+            speakers = [s for s in speakers if s in cfg.bench.loso_speakers]
+        if len(speakers) < 1 or (not cfg.bench.loso_speakers and len(speakers) < 2):
             raise ConfigError(f"bench.loso needs two or more speakers; the data has {', '.join(speakers)}")
+        variants: list[tuple[str, dict[str, Any]]] = [("", {})]
+        if cfg.bench.ablate:
+            variants = [("all", {})] + [(f"no {a}", ABLATIONS[a]) for a in cfg.bench.ablate]
         runs = []
-        for speaker in speakers:
-            d = to_dict(cfg)
-            d["data"].update(split="speaker", test_speakers=[speaker], val_speakers=[])
-            d["bench"].update(loso=False, timeline=False, long_file_minutes=0.0, picture="")
-            runs.append((speaker, from_dict(AudioConfig, d)))
+        for variant, model_off in variants:
+            for speaker in speakers:
+                d = to_dict(cfg)
+                d["data"].update(split="speaker", test_speakers=[speaker], val_speakers=[])
+                d["model"].update(model_off)
+                d["bench"].update(loso=False, ablate=[], loso_speakers=[], timeline=False, long_file_minutes=0.0,
+                                  picture="")
+                runs.append((f"{variant}/{speaker}" if variant else speaker, from_dict(AudioConfig, d)))
         return runs
 
     def bench_measure(self, cfg: AudioConfig, data_root: Path, run_dir: Path, results_dir: Path) -> dict[str, Any]:
