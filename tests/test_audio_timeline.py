@@ -21,8 +21,8 @@ from cnnapps.tasks.audio.bench import (build_recordings, edit_distance, match_ev
 from cnnapps.tasks.audio.data import FileEntry, fix_length, list_fsdd, read_audio
 from cnnapps.tasks.audio.features import AudioFrontEnd
 from cnnapps.tasks.audio.task import AudioConfig, AudioTask
-from cnnapps.tasks.audio.timeline import (GateSettings, LevelTrack, masked_window, speech_regions,
-                                          window_offsets)
+from cnnapps.tasks.audio.timeline import (GateSettings, LevelTrack, Stretch, _silence_neighbours, masked_window,
+                                          speech_regions, window_offsets)
 from cnnapps.tasks.base import DataSplits
 
 SR = 8000
@@ -141,6 +141,14 @@ def test_windows_hold_only_their_stretch_within_the_trained_shift():
     assert not w[:3000].any() and not w[5000:].any()
     w = masked_window(samples, 10000, 14500, 8000)  # window [10500, 18500): only the stretch's tail, at its start
     assert w[0] == 501 and w[1499] == 2000 and not w[1500:].any()
+
+
+def test_background_context_keeps_the_room_and_zeroes_the_neighbouring_words():
+    spans = [Stretch(1000, 2000, 900, 2100), Stretch(3000, 4000, 2900, 4100, read_lo=0, read_hi=7000),
+             Stretch(5000, 5500, 4900, 5600)]
+    out = _silence_neighbours(np.ones(7000, dtype=np.float32), spans, 1)
+    assert not out[900:2100].any() and not out[4900:5600].any()  # the other words
+    assert out[2100:4900].all() and out[:900].all() and out[5600:].all()  # its own span and the room around
 
 
 # ---------------------------------------------------------------- long files made of known clips

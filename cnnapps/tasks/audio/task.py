@@ -147,6 +147,9 @@ class AudioPredictConfig:
                                         "every piece fits (s)", gt=0)
     pad_seconds: float = option(0.05, help="windows: samples kept on either side of a stretch (s); the rest of a "
                                 "window is zeros", ge=0)
+    context: str = option("background", help="windows: what surrounds a stretch in its windows: zeros (as the padding "
+                          "of training clips) or background (the recording itself, other stretches zeroed)",
+                          choices=("zeros", "background"))
     hop_seconds: float = option(0.05, help="windows: hop (s) between the window centres of a stretch (they lie "
                                 "within +- data.time_shift of its centre)", gt=0)
     min_confidence: float = option(0.0, help="segments whose mean window probability is below this get no digit "
@@ -641,7 +644,7 @@ def gate_settings(cfg: AudioConfig, hop: float | None = None, gate_margin_db: fl
                         gate_floor_db=p.gate_floor_db, background_seconds=p.background_seconds,
                         background_smooth_seconds=p.background_smooth_seconds,
                         min_gap_seconds=p.min_gap_seconds, min_speech_seconds=p.min_speech_seconds,
-                        max_segment_seconds=p.max_segment_seconds, pad_seconds=p.pad_seconds,
+                        max_segment_seconds=p.max_segment_seconds, pad_seconds=p.pad_seconds, context=p.context,
                         hold_margin_db=min(p.hold_margin_db, p.gate_margin_db if gate_margin_db is None
                                            else gate_margin_db),
                         hop_seconds=p.hop_seconds if hop is None else hop, max_shift_seconds=cfg.data.time_shift,

@@ -13,14 +13,15 @@ longer than ``max_segment_seconds`` is split at its quietest frame until every p
 short a pause between them).
 
 Each stretch is then classified by clip-length windows whose centres lie within ``+- min(time_shift, half the
-stretch)`` of its centre, ``hop_seconds`` apart (the placements the model saw in training); a window holds the
-stretch's samples (widened by ``pad_seconds``) and zeros elsewhere, so a neighbouring word never leaks in, as
-training clips are one word padded with zeros. The mean of a stretch's window probabilities gives its label and
-confidence.
+stretch)`` of its centre, ``hop_seconds`` apart (the placements the model saw in training). A window holds the
+stretch's samples (widened by ``pad_seconds``) and around them, with ``context = "background"``, the recording
+itself with every other stretch zeroed, or with ``context = "zeros"`` zeros, as training clips are one word
+padded with zeros; either way a neighbouring word never leaks in. The mean of a stretch's window probabilities
+gives its label and confidence.
 
 Memory is bounded for any length: the file is read twice, block by block (once for the levels, once for the
-stretches' samples), so at most one block, one stretch and one batch of windows are held, plus the level track
-(one float per frame: 1.4 MB per hour at 10-ms frames) and one small record per stretch. No whole-file signal or
+stretches' samples), so at most one block, one stretch's reach and one batch of windows are held, plus the level
+track (one float per frame: 1.4 MB per hour at 10-ms frames) and one small record per stretch. No whole-file signal or
 spectrogram is ever built."""
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class GateSettings:
     min_speech_seconds: float = 0.08
     max_segment_seconds: float = 1.0
     pad_seconds: float = 0.05
+    context: str = "background"
     hop_seconds: float = 0.05
     max_shift_seconds: float = 0.15
     min_confidence: float = 0.0
@@ -169,12 +171,15 @@ def speech_regions(track: LevelTrack, g: GateSettings, single_threshold: bool = 
 
 @dataclass
 class Stretch:
-    """One gated stretch: samples [start, end) at the model's rate and the padded span [lo, hi) read for it."""
+    """One gated stretch: samples [start, end) at the model's rate, its padded span [lo, hi), and the span
+    [read_lo, read_hi) read for its windows."""
 
     start: int
     end: int
     lo: int
     hi: int
+    read_lo: int = 0
+    read_hi: int = 0
     prob_sum: np.ndarray | None = None
     windows: int = 0
 
@@ -187,15 +192,37 @@ def _stretch_audio(path: str | Path, sample_rate: int, block_samples: int,
     buf_start, i = 0, 0
     for block in iter_audio_blocks(path, sample_rate, block_samples):
         buf = np.concatenate([buf, block]) if len(buf) else block
-        while i < len(spans) and spans[i].hi <= buf_start + len(buf):
-            yield i, buf[spans[i].lo - buf_start:spans[i].hi - buf_start]
+        while i < len(spans) and spans[i].read_hi <= buf_start + len(buf):
+            yield i, buf[spans[i].read_lo - buf_start:spans[i].read_hi - buf_start]
             i += 1
-        keep_from = spans[i].lo if i < len(spans) else buf_start + len(buf)
+        keep_from = spans[i].read_lo if i < len(spans) else buf_start + len(buf)
         cut = min(max(0, keep_from - buf_start), len(buf))
         buf, buf_start = buf[cut:], buf_start + cut
     while i < len(spans):  # a file that ended early on the second read (changed under us): what is there
-        yield i, buf[max(0, spans[i].lo - buf_start):max(0, spans[i].hi - buf_start)]
+        yield i, buf[max(0, spans[i].read_lo - buf_start):max(0, spans[i].read_hi - buf_start)]
         i += 1
+
+
+def _silence_neighbours(samples: np.ndarray, stretches: Sequence[Stretch], i: int) -> np.ndarray:
+    """A copy of stretch ``i``'s read span with every other stretch's padded samples set to zero (its own stay)."""
+    st = stretches[i]
+    out = samples.copy()
+
+    def clear(other: Stretch) -> None:
+        a, b = max(other.lo, st.read_lo), min(other.hi, st.read_hi)
+        for x, y in ((a, min(b, st.lo)), (max(a, st.hi), b)):  # the part outside stretch i's own span
+            if y > x:
+                out[x - st.read_lo:y - st.read_lo] = 0
+
+    j = i - 1
+    while j >= 0 and stretches[j].hi > st.read_lo:  # padded ends grow with the index
+        clear(stretches[j])
+        j -= 1
+    j = i + 1
+    while j < len(stretches) and stretches[j].lo < st.read_hi:
+        clear(stretches[j])
+        j += 1
+    return out
 
 
 def window_offsets(length: int, max_shift: int, hop: int) -> list[int]:
@@ -241,10 +268,19 @@ def predict_timeline(model: nn.Module, path: str | Path, classes: Sequence[str],
     regions = speech_regions(track, g)
     pad = int(round(g.pad_seconds * sample_rate))
     f = track.frame
-    stretches = [Stretch(s * f, min(e * f, track.samples), max(0, s * f - pad), min(track.samples, e * f + pad))
-                 for s, e in regions]
     hop = max(1, int(round(g.hop_seconds * sample_rate)))
     shift = int(round(g.max_shift_seconds * sample_rate))
+    stretches = []
+    for s, e in regions:
+        st = Stretch(s * f, min(e * f, track.samples), max(0, s * f - pad), min(track.samples, e * f + pad))
+        if g.context == "background":  # the windows' whole reach, with the room noise around the stretch
+            centre = (st.start + st.end) // 2
+            st.read_lo = max(0, centre - shift - clip // 2)
+            st.read_hi = min(track.samples, max(st.hi, centre + shift + clip - clip // 2))
+            st.read_lo = min(st.read_lo, st.lo)
+        else:
+            st.read_lo, st.read_hi = st.lo, st.hi
+        stretches.append(st)
     pending: list[np.ndarray] = []
     owners: list[int] = []
     n_windows = 0
@@ -265,9 +301,11 @@ def predict_timeline(model: nn.Module, path: str | Path, classes: Sequence[str],
     if stretches:
         for i, samples in _stretch_audio(path, sample_rate, block_samples, stretches):
             st = stretches[i]
+            if g.context == "background":
+                samples = _silence_neighbours(samples, stretches, i)
             centre = (st.start + st.end) // 2
             for off in window_offsets(st.end - st.start, shift, hop):
-                pending.append(masked_window(samples, st.lo, centre + off, clip))
+                pending.append(masked_window(samples, st.read_lo, centre + off, clip))
                 owners.append(i)
                 if len(pending) >= batch_size:
                     flush()
