@@ -21,8 +21,8 @@ from cnnapps.tasks.audio.bench import (build_recordings, edit_distance, match_ev
 from cnnapps.tasks.audio.data import FileEntry, fix_length, list_fsdd, read_audio
 from cnnapps.tasks.audio.features import AudioFrontEnd
 from cnnapps.tasks.audio.task import AudioConfig, AudioTask
-from cnnapps.tasks.audio.timeline import (GateSettings, LevelTrack, Stretch, _silence_neighbours, masked_window,
-                                          speech_regions, window_offsets)
+from cnnapps.tasks.audio.timeline import (GateSettings, LevelTrack, Stretch, _silence_neighbours, level_track,
+                                          masked_window, speech_regions, window_offsets)
 from cnnapps.tasks.base import DataSplits
 
 SR = 8000
@@ -204,6 +204,14 @@ def test_silence_and_steady_noise_predict_no_digit_with_a_reason(tmp_path: Path)
         assert row["reason"].startswith("silent" if name.startswith("zeros") else "no speech"), (name, row)
     assert rows["zeros_clip.wav"]["label"] is None and rows["hiss_clip.wav"]["label"] is None
     assert rows["hiss_long.wav"]["mode"] == "timeline"
+
+
+@needs_fsdd
+def test_the_silence_gate_of_one_clip_accepts_every_fsdd_recording():
+    g = GateSettings()
+    refused = [p.name for p in sorted(FSDD.glob("*.wav"))
+               if not speech_regions(level_track(p, SR, g.frame_seconds, SR), g, single_threshold=True)]
+    assert refused == []
 
 
 def test_min_confidence_turns_unsure_segments_into_no_digit(tmp_path: Path):

@@ -101,14 +101,15 @@ def level_track(path: str | Path, sample_rate: int, frame_seconds: float, block_
     return LevelTrack(db, frame, sample_rate, total, peak)
 
 
-def background_level(track: LevelTrack, g: GateSettings) -> np.ndarray:
-    """The background level (dB) at every frame: the lowest level, averaged over ``background_smooth_seconds``,
-    within ``background_seconds`` around it (the averaging keeps a brief dip inside a word, quieter than the
-    room, from pulling the background down)."""
+def background_level(track: LevelTrack, g: GateSettings, smooth_seconds: float | None = None) -> np.ndarray:
+    """The background level (dB) at every frame: the lowest level, averaged over ``smooth_seconds`` (default
+    ``background_smooth_seconds``), within ``background_seconds`` around it (the averaging keeps a brief dip
+    inside a word, quieter than the room, from pulling the background down)."""
     from scipy.ndimage import minimum_filter1d, uniform_filter1d
 
     n = max(len(track.db), 1)
-    smooth = max(1, int(round(g.background_smooth_seconds / g.frame_seconds)))
+    smooth_seconds = g.background_smooth_seconds if smooth_seconds is None else smooth_seconds
+    smooth = max(1, int(round(smooth_seconds / g.frame_seconds)))
     power = uniform_filter1d(np.power(10.0, track.db.astype(np.float64) / 10), size=min(smooth, n), mode="nearest")
     size = max(1, int(round(g.background_seconds / g.frame_seconds)))
     return minimum_filter1d(10 * np.log10(power + 1e-12), size=min(size, n), mode="nearest").astype(np.float32)
@@ -144,12 +145,12 @@ def _split_long(db: np.ndarray, start: int, end: int, longest: int, edge: int) -
 
 def speech_regions(track: LevelTrack, g: GateSettings, single_threshold: bool = False) -> list[tuple[int, int]]:
     """The gate's stretches as frame ranges [start, end), in order; see the module docstring.
-    ``single_threshold``: a stretch needs only the hold margin (used for files of one clip, which hold little
-    background to measure against)."""
+    ``single_threshold``: a stretch needs only the hold margin over the quietest single frame (for files of one
+    clip, trimmed close to the word: too little background to average)."""
     if len(track.db) == 0:
         return []
     fs = g.frame_seconds
-    background = background_level(track, g)
+    background = background_level(track, g, g.frame_seconds if single_threshold else None)
     hold = track.db > np.maximum(background + g.hold_margin_db, g.gate_floor_db)
     start = hold if single_threshold else track.db > np.maximum(background + g.gate_margin_db, g.gate_floor_db)
     merged: list[list[int]] = []
