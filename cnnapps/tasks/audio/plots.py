@@ -114,8 +114,8 @@ def plot_timeline(path: str | Path, row: dict[str, Any], sample_rate: int, out_p
             ax.plot([start, min(end, seconds)], [n_mels * 0.99] * 2, color="white", lw=3, solid_capstyle="butt")
             ax.text(start, n_mels * 1.005, f"true {label}", color="black", fontsize=7, va="bottom", clip_on=False)
     shown = "".join(str(s) for s in row.get("sequence", []))
-    more = f" (first {seconds:.0f} s of {row.get('seconds', seconds):.0f} s)" if row.get("seconds", 0) > seconds + 0.01 \
-        else ""
+    total = row.get("seconds", seconds)
+    more = f" (first {seconds:.0f} s of {total:.0f} s)" if total > seconds + 0.01 else ""
     want = f"  (true {''.join(t[2] for t in truth)})" if truth else ""
     ax.set_title(f"{Path(path).name}{more}: recognised {shown or '(none)'}{want}", fontsize=10, pad=14)
     ax.set_ylabel("mel bin")

@@ -463,8 +463,8 @@ class AudioTask(Task):
                         top = prob.topk(min(max(top_k, 1), len(names)))
                         label, conf = names[int(top.indices[0])], round(float(top.values[0]), 4)
                         f = track.frame
-                        row.update(label=label, probability=conf,
-                                   top=[[names[int(i)], round(float(q), 4)] for q, i in zip(top.values, top.indices)])
+                        ranked = [[names[int(i)], round(float(q), 4)] for q, i in zip(top.values, top.indices)]
+                        row.update(label=label, probability=conf, top=ranked)
                         seg = {"start_s": round(regions[0][0] * f / sr, 3),
                                "end_s": round(min(regions[-1][1] * f, track.samples) / sr, 3),
                                "label": label, "confidence": conf, "top": row["top"], "windows": 1}
@@ -473,10 +473,10 @@ class AudioTask(Task):
                             row["reason"] = seg["reason"] = (f"confidence {conf:.2f} below predict.min_confidence "
                                                              f"{g.min_confidence:g}")
                         row.update(sequence=[label] if row["label"] is not None else [], segments=[seg])
-                    timeline = None
                 else:
                     row["mode"] = "timeline"
-                    timeline = predict_timeline(model, path, names, sr, clip, g, bs, device, top_k=top_k)
+                    timeline = predict_timeline(model, path, names, sr, clip, g, bs, device, top_k=top_k,
+                                                track=track)
                     row["sequence"] = [s["label"] for s in timeline.segments if s["label"] is not None]
                     row["segments"] = timeline.segments
                     row["windows"] = timeline.windows
@@ -603,7 +603,8 @@ class AudioTask(Task):
                     rows.append([f"{minutes:g} min", made["digits"], round(made["bytes"] / 2 ** 20, 1),
                                  round(made["seconds"] * state["sample_rate"] * 4 / 2 ** 20, 1),
                                  m["segments"], m["windows"], round(m["rss_before"] / 2 ** 20, 1),
-                                 round(m["rss_peak"] / 2 ** 20, 1), round((m["rss_peak"] - m["rss_before"]) / 2 ** 20, 1),
+                                 round(m["rss_peak"] / 2 ** 20, 1),
+                                 round((m["rss_peak"] - m["rss_before"]) / 2 ** 20, 1),
                                  round(m["seconds"], 2), round(m["seconds"] / hours, 1), m["threads"]])
                 out["tables"]["long-file predict"] = {
                     "columns": ["file", "digits in it", "WAV (MiB)", "decoded at the model's rate (MiB)",

@@ -247,25 +247,27 @@ def masked_window(samples: np.ndarray, lo: int, centre: int, clip: int) -> np.nd
 
 @dataclass
 class Timeline:
-    """What ``predict_timeline`` returns: per-stretch segments, the file's length, the level track and the
-    stretches' frame ranges (for pictures), and the number of windows run."""
+    """What ``predict_timeline`` returns: per-stretch segments, the file's length, the number of windows run and
+    the level track."""
 
     segments: list[dict[str, Any]]
     seconds: float
     windows: int
-    track: LevelTrack
-    thresholds: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    track: LevelTrack = field(repr=False)
 
 
 @torch.inference_mode()
 def predict_timeline(model: nn.Module, path: str | Path, classes: Sequence[str], sample_rate: int, clip: int,
                      g: GateSettings, batch_size: int, device: torch.device, block_samples: int = 0,
-                     top_k: int = 3) -> Timeline:
+                     top_k: int = 3, track: LevelTrack | None = None) -> Timeline:
     """Gate, window and classify a file of any length (see the module docstring). ``model`` maps (batch, clip)
     waveforms to logits. Each segment is ``{"start_s", "end_s", "label", "confidence", "top": [[label, p]...],
-    "windows"}``, with ``label`` None and a ``reason`` when its confidence is below ``g.min_confidence``."""
+    "windows"}``, with ``label`` None and a ``reason`` when its confidence is below ``g.min_confidence``.
+    ``track``: the file's level track when the caller has read it already (the file is then read once more, not
+    twice)."""
     block_samples = block_samples or max(clip, batch_size * clip)
-    track = level_track(path, sample_rate, g.frame_seconds, block_samples)
+    if track is None:
+        track = level_track(path, sample_rate, g.frame_seconds, block_samples)
     regions = speech_regions(track, g)
     pad = int(round(g.pad_seconds * sample_rate))
     f = track.frame
@@ -326,8 +328,7 @@ def predict_timeline(model: nn.Module, path: str | Path, classes: Sequence[str],
             seg["reason"] = f"confidence {seg['confidence']:.2f} below predict.min_confidence {g.min_confidence:g}"
             seg["label"] = None
         segments.append(seg)
-    return Timeline(segments, track.seconds, n_windows, track, gate_thresholds(track, g) if len(track.db) else
-                    np.zeros(0, dtype=np.float32))
+    return Timeline(segments, track.seconds, n_windows, track)
 
 
 def no_speech_reason(track: LevelTrack, g: GateSettings) -> str:
