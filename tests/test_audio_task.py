@@ -84,7 +84,7 @@ def test_backbone_dimension_must_fit_the_input():
     cfg = load_config(AudioConfig, None, ["model.backbone=resnet18_1d"])
     with pytest.raises(ConfigError, match="1D.*spectrogram"):
         _model(cfg)
-    with pytest.raises(ConfigError, match="unknown backbone"):
+    with pytest.raises(ConfigError, match="model.backbone = 'resnet19': no such backbone; did you mean resnet18"):
         _model(load_config(AudioConfig, None, ["model.backbone=resnet19"]))
 
 

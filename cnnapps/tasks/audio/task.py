@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnapps.engine.config import ConfigError, TrainConfig, from_dict, option, to_dict
+from cnnapps.engine.config import ConfigError, TrainConfig, check_backbone, from_dict, option, to_dict
 from cnnapps.tasks.audio.data import (AudioReadError, ClipDataset, SplitLists, build_clip_datasets, fix_length,
                                       iter_audio_blocks, limit_per_class, list_any, list_class_folders, list_fsdd,
                                       split_fsdd_speaker, split_fsdd_usual, split_stratified)
@@ -115,6 +115,7 @@ class AudioModelConfig:
                                 ge=0)
 
     def check(self) -> None:
+        check_backbone(self.backbone)  # the 1D/2D fit to model.input is checked with the data (build_model)
         if len(self.noise_snr_db) != 2 or self.noise_snr_db[0] > self.noise_snr_db[1]:
             raise ConfigError(f"model.noise_snr_db = {self.noise_snr_db}: expected [low, high] with low <= high")
         if self.input == "spectrogram" and self.features == "mfcc" and self.n_mfcc > self.n_mels:
