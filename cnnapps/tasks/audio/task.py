@@ -146,8 +146,8 @@ class AudioPredictConfig:
                                        "(clicks)", ge=0)
     max_segment_seconds: float = option(1.0, help="gate: longer stretches are split at their quietest frame until "
                                         "every piece fits (s)", gt=0)
-    pad_seconds: float = option(0.05, help="windows: samples kept on either side of a stretch (s); the rest of a "
-                                "window is zeros", ge=0)
+    pad_seconds: float = option(0.05, help="windows: a stretch's span reaches this far (s) on either side: kept "
+                                "in its own windows, zeroed in its neighbours'", ge=0)
     context: str = option("background", help="windows: what surrounds a stretch in its windows: zeros (as the padding "
                           "of training clips) or background (the recording itself, other stretches zeroed)",
                           choices=("zeros", "background"))
