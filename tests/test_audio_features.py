@@ -11,7 +11,8 @@ import torch
 
 from cnnapps.data.root import DataNotFoundError, find_data_root
 from cnnapps.tasks.audio.data import fix_length, list_fsdd, read_audio
-from cnnapps.tasks.audio.features import AudioFrontEnd, fit_normalisation
+from cnnapps.tasks.audio.features import (AudioFrontEnd, coloured_noise, fit_normalisation, frequency_warp,
+                                          random_equalise, resample_through, speed_perturb)
 
 
 def _fsdd_dir() -> Path | None:
@@ -135,3 +136,83 @@ def test_peak_normalisation_removes_level_and_keeps_silence_finite():
 def test_normalisation_statistics_must_match_bins():
     with pytest.raises(ValueError, match="bins"):
         _quiet(n_mels=32).set_normalisation(torch.zeros(64), torch.ones(64))
+
+
+# ---------------------------------------------------------------- augmentations for new voices and recording chains
+
+
+def _tone(freq: float, n: int = 8000, sr: int = 8000) -> torch.Tensor:
+    return torch.sin(2 * torch.pi * freq * torch.arange(n) / sr)
+
+
+def _peak_hz(x: torch.Tensor, sr: int = 8000) -> float:
+    spec = torch.fft.rfft(x * torch.hann_window(len(x))).abs()
+    return float(torch.fft.rfftfreq(len(x), 1 / sr)[spec.argmax()])
+
+
+def test_speed_perturbation_scales_pitch_and_duration_about_the_centre():
+    x = _tone(500.0)[None]
+    torch.testing.assert_close(speed_perturb(x, torch.tensor([1.0])), x)
+    fast = speed_perturb(x, torch.tensor([1.2]))[0]
+    assert abs(_peak_hz(fast[1000:7000]) - 600) < 15  # 500 Hz played 1.2 times as fast
+    burst = torch.zeros(1, 8000)
+    burst[0, 3000:5000] = 1.0  # 0.25 s in the middle
+    slow = speed_perturb(burst, torch.tensor([0.8]))[0]
+    assert abs(int((slow > 0.5).sum()) - 2500) <= 2  # lasts 1 / 0.8 as long, still centred
+    assert abs(float((slow > 0.5).nonzero().float().mean()) - 3999.5) < 2
+
+
+def test_frequency_warp_moves_spectral_content_without_changing_time():
+    fe = _quiet(kind="logmel").eval()
+    x = _tone(1000.0)[None]
+    power = fe.spec.spectrogram(x.unsqueeze(1))  # (1, 1, 129, frames)
+    torch.testing.assert_close(frequency_warp(power, torch.tensor([1.0])), power)
+    warped = frequency_warp(power, torch.tensor([1.1]))
+    assert int(power[0, 0].mean(-1).argmax()) == 32 and int(warped[0, 0].mean(-1).argmax()) in (35, 36)
+    assert warped.shape == power.shape
+
+
+def test_random_filter_stays_within_its_gain_and_is_a_linear_filter():
+    torch.manual_seed(1)
+    x = torch.randn(8, 8000) * 0.1
+    torch.testing.assert_close(random_equalise(x, 8000, 0.0), x, rtol=0, atol=1e-5)
+    torch.manual_seed(3)
+    y = random_equalise(x, 8000, 6.0)
+    gain_db = 20 * torch.log10(torch.fft.rfft(y).abs() / torch.fft.rfft(x).abs())
+    assert gain_db.abs().max() < 6.0 + 1e-3 and gain_db.std() > 0.5  # shaped, and bounded by +-6 dB
+    torch.manual_seed(3)
+    twice = random_equalise(2 * x, 8000, 6.0)
+    torch.testing.assert_close(twice, 2 * y, rtol=1e-4, atol=1e-5)
+
+
+def test_coloured_noise_has_unit_rms_and_the_asked_slope():
+    torch.manual_seed(2)
+    n = coloured_noise(3, 8000, torch.tensor([0.0, 1.0, 2.0]), torch.device("cpu"))
+    torch.testing.assert_close(n.pow(2).mean(1), torch.ones(3), rtol=1e-4, atol=1e-4)
+    power = torch.fft.rfft(n).abs().pow(2)
+    low, high = power[:, 40:400].mean(1), power[:, 2000:4000].mean(1)  # ~40-400 Hz against 2-4 kHz
+    ratio_db = 10 * torch.log10(low / high)
+    assert abs(float(ratio_db[0])) < 1.5 and 10 < float(ratio_db[1]) < 20 and float(ratio_db[2]) > 25
+
+
+def test_resampling_through_a_lower_rate_removes_the_band_above_its_half():
+    x = torch.stack([_tone(1000.0) + _tone(3000.0), _tone(1000.0) + _tone(3000.0)])
+    y = resample_through(x, 8000, [4000], torch.tensor([0, -1]))
+    spec = torch.fft.rfft(y).abs()
+    assert y.shape == x.shape
+    assert spec[0, 3000] < 0.01 * spec[0, 1000]  # 3 kHz is above 4 kHz / 2: gone
+    assert spec[0, 1000] > 0.9 * torch.fft.rfft(x[0]).abs()[1000]  # 1 kHz kept
+    torch.testing.assert_close(y[1], x[1])  # choice -1: untouched
+
+
+def test_every_augmentation_runs_only_in_training():
+    fe = _quiet(speed=0.1, pitch=0.1, eq_db=6.0, eq_prob=1.0, noise_prob=1.0, noise_colour="coloured",
+                resample_rates=(4000, 11025), resample_prob=1.0, gain_db=3.0)
+    x = torch.randn(4, 8000) * 0.1
+    fe.eval()
+    clean = fe(x)
+    torch.testing.assert_close(fe(x), clean, rtol=0, atol=0)
+    torch.testing.assert_close(clean, _quiet().eval()(x), rtol=0, atol=0)
+    fe.train()
+    aug = fe(x)
+    assert aug.shape == clean.shape and torch.isfinite(aug).all() and not torch.equal(aug, clean)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from cnnapps.data.root import DataNotFoundError, find_data_root
 from cnnapps.engine.config import ConfigError, load_config
+from cnnapps.tasks.audio.data import fix_length
 from cnnapps.tasks.audio.task import AudioConfig, AudioModel, AudioTask
 from cnnapps.tasks.base import DataSplits
 
@@ -83,7 +84,7 @@ def test_backbone_dimension_must_fit_the_input():
     cfg = load_config(AudioConfig, None, ["model.backbone=resnet18_1d"])
     with pytest.raises(ConfigError, match="1D.*spectrogram"):
         _model(cfg)
-    with pytest.raises(ConfigError, match="unknown backbone"):
+    with pytest.raises(ConfigError, match="model.backbone = 'resnet19': no such backbone; did you mean resnet18"):
         _model(load_config(AudioConfig, None, ["model.backbone=resnet19"]))
 
 
@@ -167,72 +168,47 @@ def test_predict_bad_files_report_errors_and_the_rest_go_on(tmp_path: Path):
     sf.write(silent, np.zeros(6000, dtype=np.int16), 8000, subtype="PCM_16")
     stereo = tmp_path / "stereo44k.wav"
     t = np.arange(44100) / 44100
-    sf.write(stereo, np.stack([np.sin(2 * np.pi * 300 * t), 0.5 * np.sin(2 * np.pi * 600 * t)], 1) * 0.3, 44100)
+    burst = (np.abs(t - 0.5) < 0.2) * (0.2 + 0.8 * np.sin(np.pi * np.clip((t - 0.3) / 0.4, 0, 1)))
+    sf.write(stereo, np.stack([np.sin(2 * np.pi * 300 * t), 0.5 * np.sin(2 * np.pi * 600 * t)], 1)
+             * 0.3 * burst[:, None] + 1e-3 * np.random.default_rng(0).standard_normal((44100, 2)), 44100)
     missing = tmp_path / "missing.wav"
     rows = _predict(_model(), [corrupt, empty, silent, stereo, missing])
-    assert [r["file"] for r in rows] == [str(p) for p in (corrupt, empty, silent, stereo, missing)]
+    assert [r["input"] for r in rows] == [str(p) for p in (corrupt, empty, silent, stereo, missing)]
     assert "corrupt.wav" in rows[0]["error"] and "label" not in rows[0]
     assert "empty.wav: empty audio" in rows[1]["error"]
-    assert "error" not in rows[2] and "silent" in rows[2]["warning"]
-    assert "error" not in rows[3] and rows[3]["clips"] == 1 and rows[3]["seconds"] == 1.0
+    assert "error" not in rows[2] and rows[2]["label"] is None and rows[2]["sequence"] == []
+    assert rows[2]["reason"].startswith("silent: every sample is zero")
+    assert "error" not in rows[3] and rows[3]["mode"] == "clip" and rows[3]["seconds"] == 1.0
     assert "missing.wav: no such file" in rows[4]["error"]
-    for r in rows[2:4]:
-        assert r["label"] in _state()["classes"] and 0 < r["probability"] <= 1
-        assert r["top"][0] == [r["label"], r["probability"]] and len(r["top"]) == 3
-        json.dumps(r)
+    r = rows[3]
+    assert r["label"] in _state()["classes"] and 0 < r["probability"] <= 1
+    assert r["top"][0] == [r["label"], r["probability"]] and len(r["top"]) == 3
+    assert r["sequence"] == [r["label"]] and len(r["segments"]) == 1
+    assert 0.2 <= r["segments"][0]["start_s"] <= 0.4 and 0.6 <= r["segments"][0]["end_s"] <= 0.8
+    for row in rows:
+        json.dumps(row)
+        assert "\n" not in row.get("error", "")
 
 
-def test_predict_ten_minute_file_in_bounded_batches_and_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    sr, minutes, bound = 8000, 10, 16
-    rng = np.random.default_rng(0)
-    path = tmp_path / "long.wav"
-    with sf.SoundFile(path, "w", samplerate=sr, channels=1, subtype="PCM_16") as f:
-        for _ in range(minutes):
-            f.write((rng.standard_normal(60 * sr) * 0.1).astype(np.float32))
-    model = _model()
-    batch_sizes: list[int] = []
-    forward = model.forward
-
-    def spy(wave: torch.Tensor) -> torch.Tensor:
-        batch_sizes.append(wave.shape[0])
-        return forward(wave)
-
-    monkeypatch.setattr(model, "forward", spy)
-    reads: list[int] = []
-    read = sf.SoundFile.read
-
-    def read_spy(self, frames=-1, *a, **k):
-        reads.append(frames)
-        return read(self, frames, *a, **k)
-
-    monkeypatch.setattr(sf.SoundFile, "read", read_spy)
-    (row,) = _predict(model, [path], batch_size=bound)
-    assert row["clips"] == minutes * 60 and row["seconds"] == minutes * 60.0
-    assert sum(batch_sizes) == minutes * 60
-    assert max(batch_sizes) <= bound and len(batch_sizes) >= minutes * 60 // bound
-    assert reads and all(0 < n <= bound * 8000 for n in reads)  # never the whole file at once
-    assert abs(sum(p for _, p in row["top"]) - 1) < 1 or len(row["top"]) < 10
-
-
-def test_predict_windows_cover_a_file_that_is_not_a_multiple_of_the_clip(tmp_path: Path):
-    path = tmp_path / "two_and_a_half.wav"
-    sf.write(path, (np.random.default_rng(1).standard_normal(20000) * 0.1).astype(np.float32), 8000)
-    (row,) = _predict(_model(), [path], batch_size=2)
-    assert row["clips"] == 3  # [0, 1) s, [1, 2) s and the end-aligned [1.5, 2.5) s
-
-
-def test_predict_probabilities_are_the_mean_over_windows(tmp_path: Path):
+def test_predict_clip_is_the_evaluation_pipeline(tmp_path: Path):
     rng = np.random.default_rng(2)
-    a, b = (rng.standard_normal(8000) * 0.1).astype(np.float32), (rng.standard_normal(8000) * 0.3).astype(np.float32)
-    sf.write(tmp_path / "ab.wav", np.concatenate([a, b]), 8000, subtype="FLOAT")
+    x = (rng.standard_normal(6000) * 0.1 * np.hanning(6000)).astype(np.float32)
+    sf.write(tmp_path / "x.wav", x, 8000, subtype="FLOAT")
     model = _model()
-    (row,) = _predict(model, [tmp_path / "ab.wav"], top_k=10)
+    (row,) = _predict(model, [tmp_path / "x.wav"], top_k=10)
     with torch.no_grad():
-        expect = model(torch.from_numpy(np.stack([a, b]))).softmax(1).mean(0)
+        expect = model(torch.from_numpy(fix_length(x, 8000))[None]).softmax(1)[0]
     got = torch.zeros(10)
     for label, p in row["top"]:
         got[int(label)] = p
     torch.testing.assert_close(got, expect, atol=1e-4, rtol=0)
+
+
+def test_predict_flags_out_of_range_are_errors(tmp_path: Path):
+    sf.write(tmp_path / "x.wav", np.zeros(100, dtype=np.float32), 8000)
+    for kw in ({"hop": 0.0}, {"gate_margin_db": -1.0}, {"min_confidence": 2.0}):
+        with pytest.raises(ConfigError, match="out of range"):
+            _predict(_model(), [tmp_path / "x.wav"], **kw)
 
 
 # ---------------------------------------------------------------- with real data and the engine
@@ -298,3 +274,98 @@ def test_smoke_fit_checkpoint_and_predict_round_trip(tmp_path: Path):
 
     values = evaluate_checkpoints(task, [run / "checkpoints" / "best.pt"], DATA, split="test", quiet=True).values
     assert values["accuracy"] == pytest.approx(result.test_metrics["accuracy"])
+
+
+# ---------------------------------------------------------------- bench: timeline, long file, leave-one-speaker-out
+
+
+def _small_fsdd(folder: Path, speakers: tuple[str, ...], indices: tuple[int, ...]) -> Path:
+    """A copy of a few FSDD recordings in the FSDD layout (test 0-4, validation 5-9, train 10+)."""
+    rec = folder / "fsdd" / "recordings"
+    rec.mkdir(parents=True)
+    for s in speakers:
+        for d in range(10):
+            for i in indices:
+                shutil.copy(DATA / "fsdd" / "recordings" / f"{d}_{s}_{i}.wav", rec)
+    return folder
+
+
+@needs_fsdd
+def test_bench_writes_the_timeline_benchmark_and_the_long_file_measurement(tmp_path: Path):
+    from cnnapps.bench.run import run_task_bench
+
+    root = _small_fsdd(tmp_path / "data", ("jackson", "theo"), (0, 5, 10, 11))
+    md = run_task_bench(AudioTask(), "ci", root, overrides=[
+        "train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=8", "train.threads=1",
+        "bench.timeline_pauses=[[0.3, 1.0]]", "bench.long_file_minutes=0.1", "bench.picture=timeline.png"],
+        results_dir=tmp_path / "results", quiet=True)
+    doc = json.loads(md.with_suffix(".json").read_text())
+    run = doc["runs"]["ci"]
+    tables = {t["title"]: t for t in run["report"]["tables"]}
+    table = tables["timeline benchmark"]
+    assert [r[0] for r in table["rows"]] == ["0.3-1"] and table["rows"][0][1:3] == [2, 20]  # 2 recordings, 20 digits
+    assert 0 <= run["extra"]["timeline event F1"] <= 1
+    (long,) = tables["long-file predict"]["rows"]
+    assert long[0] == "0.1 min" and long[-1] == 1 and long[7] >= long[6] > 0
+    assert (tmp_path / "results" / "timeline.png").stat().st_size > 0
+    text = md.read_text()
+    assert "timeline benchmark:" in text and "| pauses (s) |" in text and "long-file predict:" in text
+
+
+@needs_fsdd
+def test_bench_leave_one_speaker_out_runs_each_speaker_once_and_reports_the_spread(tmp_path: Path):
+    from cnnapps.bench.run import run_task_bench
+
+    root = _small_fsdd(tmp_path / "data", ("jackson", "theo"), (0, 5, 10))
+    cfg = load_config(AudioConfig, CONFIGS / "fsdd_loso.toml")
+    folds = AudioTask().bench_runs(cfg, root)
+    assert [name for name, _ in folds] == ["jackson", "theo"]
+    assert all(c.data.split == "speaker" and c.data.test_speakers == [n] and not c.bench.loso for n, c in folds)
+    md = run_task_bench(AudioTask(), "fsdd_loso", root, overrides=[
+        "train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=8", "train.threads=1"],
+        results_dir=tmp_path / "results", quiet=True)
+    run = json.loads(md.with_suffix(".json").read_text())["runs"]["fsdd_loso"]
+    runs_table = run["report"]["tables"][0]
+    assert runs_table["title"] == "runs"
+    rows = runs_table["rows"]
+    assert [r[0] for r in rows] == ["jackson", "theo"]
+    accs = [r[1] for r in rows]
+    assert run["extra"]["accuracy mean over runs"] == pytest.approx(np.mean(accs), abs=1e-4)
+    assert run["extra"]["accuracy min over runs"] == min(accs) and run["extra"]["runs"] == 2
+    assert run["test"]["accuracy"] == pytest.approx(np.mean(accs), abs=1e-4)
+    assert run["test"]["examples"] == 30  # every recording of the held-out speaker (indices 0, 5 and 10)
+    assert "Test split (mean over the runs below)" in md.read_text()
+
+
+@needs_fsdd
+def test_loso_ablation_reruns_the_chosen_folds_without_each_augmentation():
+    cfg = load_config(AudioConfig, CONFIGS / "fsdd_loso.toml",
+                      ["bench.loso_speakers=[theo, george]", "bench.ablate=[speed, specaugment]", "model.speed=0.1"])
+    runs = AudioTask().bench_runs(cfg, DATA)
+    assert [n for n, _ in runs] == ["all/george", "all/theo", "no speed/george", "no speed/theo",
+                                    "no specaugment/george", "no specaugment/theo"]
+    by = dict(runs)
+    assert by["all/theo"].model.speed == 0.1 and by["no speed/theo"].model.speed == 0.0
+    assert by["no specaugment/george"].model.freq_mask == 0 and by["no specaugment/george"].model.speed == 0.1
+    assert by["no speed/theo"].data.test_speakers == ["theo"] and not by["no speed/theo"].bench.ablate
+    with pytest.raises(ConfigError, match="bench.loso_speakers: unknown speaker"):
+        AudioTask().bench_runs(load_config(AudioConfig, CONFIGS / "fsdd_loso.toml", ["bench.loso_speakers=[bob]"]),
+                               DATA)
+    with pytest.raises(ConfigError, match="bench.ablate"):
+        load_config(AudioConfig, CONFIGS / "fsdd_loso.toml", ["bench.ablate=[volume]"])
+
+
+def test_bench_summarises_ablation_groups_separately():
+    from cnnapps.bench.run import _combine_folds
+    from cnnapps.engine.trainer import FitResult
+
+    def fit(acc: float) -> FitResult:
+        return FitResult(Path("."), {"accuracy": acc, "examples": 500}, 3, acc, 4, 10.0)
+
+    fits = [(n, None, fit(a), 12.0) for n, a in (("all/a", 0.9), ("all/b", 0.8), ("no speed/a", 0.7),
+                                                   ("no speed/b", 0.6))]
+    test, extra, table = _combine_folds(fits, "accuracy")
+    assert test["accuracy"] == pytest.approx(0.85)  # the first group's mean
+    assert extra["all: accuracy mean over runs"] == 0.85 and extra["no speed: accuracy mean over runs"] == 0.65
+    assert extra["no speed: worst run"] == "no speed/b" and extra["runs"] == 4
+    assert [r[0] for r in table["rows"]] == ["all/a", "all/b", "no speed/a", "no speed/b"]

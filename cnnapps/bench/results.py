@@ -73,7 +73,9 @@ def format_markdown(doc: dict) -> str:
                 lines.append(f"| {key} | {r[key]} |")
         if r["overrides"]:
             lines.append(f"| overrides | {' '.join(r['overrides'])} |")
-        lines += ["", "Test split:", "", "| metric | value |", "| --- | --- |"]
+        several = int(r["extra"].get("runs", 1)) > 1  # folds: the test values are their mean
+        lines += ["", "Test split (mean over the runs below):" if several else "Test split:", "", "| metric | value |",
+                  "| --- | --- |"]
         for k, v in r["test"].items():
             lines.append(f"| {k} | {cell(v)} |")
         if r["extra"]:

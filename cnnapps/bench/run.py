@@ -29,28 +29,98 @@ def run_task_bench(task: Task, config: str | Path | None, data_root: Path, overr
     facts = run_facts(resolve_device(cfg.train.device))  # the commit and time the run started from
     label = config_label(config, task.config_dir())
     key = run_key(label, cfg.train.seed if _sets_seed(overrides or []) else None)
+    runs = task.bench_runs(cfg, data_root)
+    fits, reports = [], []
     with tempfile.TemporaryDirectory(prefix=f"cnnapps-bench-{task.name}-") as tmp:
         t0 = time.perf_counter()
-        result = fit(task, cfg, Path(tmp) / "run", data_root, quiet=quiet)
+        for run_name, run_cfg in runs:
+            t_run = time.perf_counter()
+            result = fit(task, run_cfg, Path(tmp) / (run_name.replace("/", "_") or "run"), data_root, quiet=quiet)
+            fits.append((run_name, run_cfg, result, time.perf_counter() - t_run))
+            # the task's own measurements, made from the finished run folder before the folder goes
+            reports.append(task.bench_report(run_cfg, result.run_dir, results_dir, key, data_root=data_root))
         wall = time.perf_counter() - t0
-        report = task.bench_report(cfg, Path(tmp) / "run", results_dir, key)
-    history = result.history
+    history = [h for _, _, result, _ in fits for h in result.history]
     throughput = sum(h["samples_per_s"] for h in history) / max(len(history), 1)
     extra: dict[str, Any] = task.bench_extra(cfg, data_root)
+    monitor = cfg.train.monitor or task.monitor
+    report = _merge_reports([name for name, *_ in fits], reports, extra)
+    if len(fits) == 1:
+        test = fits[0][2].test_metrics
+        train_seconds, epochs = fits[0][2].train_seconds, fits[0][2].epochs_run
+    else:
+        test, fold_extra, fold_table = _combine_folds(fits, monitor)
+        extra.update(fold_extra)
+        report["tables"] = [fold_table, *report.get("tables", [])]
+        train_seconds = sum(r.train_seconds for _, _, r, _ in fits)
+        epochs = max(r.epochs_run for _, _, r, _ in fits)
     record = {
         "task": task.name, "config": label, "key": key,
         "overrides": overrides or [], **facts,
-        "load_at_end": load_average(), "wall_seconds": round(wall, 2), "train_seconds": round(result.train_seconds, 2),
-        "epochs": result.epochs_run, "train_samples_per_s": round(throughput, 2),
-        "monitor": cfg.train.monitor or task.monitor, "test": result.test_metrics, "extra": extra,
+        "load_at_end": load_average(), "wall_seconds": round(wall, 2), "train_seconds": round(train_seconds, 2),
+        "epochs": epochs, "train_samples_per_s": round(throughput, 2),
+        "monitor": monitor, "test": test, "extra": extra,
         "report": report, "resolved_config": to_dict(cfg),
     }
     return write_run(record, results_dir, name)
 
 
+def _merge_reports(names: list[str], reports: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    """One results section from the ``bench_report`` of each run: notes, tables and pictures kept in order (a
+    table's title names its run where there are several), each run's ``extra`` measurements moved into ``extra``
+    (prefixed by the run's name where there are several)."""
+    merged: dict[str, Any] = {}
+    several = len(reports) > 1
+    for run_name, rep in zip(names, reports):
+        rep = dict(rep or {})
+        extra.update({f"{run_name}: {k}" if several else k: v for k, v in rep.pop("extra", {}).items()})
+        for table in rep.pop("tables", []):
+            merged.setdefault("tables", []).append(
+                {**table, "title": f"{table['title']} ({run_name})"} if several else table)
+        merged.setdefault("notes", []).extend(rep.pop("notes", []))
+        merged.setdefault("pictures", {}).update(rep.pop("pictures", {}))
+        merged.update(rep)  # other keys: JSON only
+    return {k: v for k, v in merged.items() if v}
+
+
 def _sets_seed(overrides: list[str]) -> bool:
     """Whether ``--set`` overrides choose the seed: such a run is kept beside the config's own, not over it."""
     return any(o.split("=", 1)[0].strip() == "train.seed" for o in overrides)
+
+
+def _combine_folds(fits: list, monitor: str) -> tuple[dict, dict, dict]:
+    """Several bench runs (folds) as one record: the mean of every numeric test metric they share, the monitor's
+    mean, minimum, maximum and standard deviation, and a table of one row per run. Runs named ``group/fold``
+    (variants of an ablation, each over the same folds) are summarised per group, and the record's test values
+    are those of the first group."""
+    import statistics
+
+    def value(r: Any) -> float:
+        return float(r.test_metrics.get(monitor, float("nan")))
+
+    groups: dict[str, list] = {}
+    for fit_ in fits:
+        groups.setdefault(fit_[0].split("/", 1)[0] if "/" in fit_[0] else "", []).append(fit_)
+    first = next(iter(groups.values()))
+    shared = set.intersection(*(set(r.test_metrics) for _, _, r, _ in first))
+    test = {k: statistics.fmean(float(r.test_metrics[k]) for _, _, r, _ in first) for k in sorted(shared)
+            if all(isinstance(r.test_metrics[k], (int, float)) for _, _, r, _ in first)}
+    extra: dict[str, Any] = {}
+    for group, members in groups.items():
+        values = [value(r) for _, _, r, _ in members]
+        worst = min(range(len(members)), key=lambda i: values[i])
+        where = f"{group}: " if group else ""
+        extra.update({f"{where}{monitor} mean over runs": round(statistics.fmean(values), 4),
+                      f"{where}{monitor} min over runs": round(values[worst], 4),
+                      f"{where}worst run": members[worst][0],
+                      f"{where}{monitor} max over runs": round(max(values), 4),
+                      f"{where}{monitor} std over runs": round(statistics.pstdev(values), 4)})
+    extra["runs"] = len(fits)
+    extra["longest run training time (s)"] = round(max(r.train_seconds for _, _, r, _ in fits), 2)
+    table = {"title": "runs", "columns": ["run", monitor, "training time (s)", "wall time (s)", "epochs", "best epoch"],
+             "rows": [[n, round(value(r), 4), round(r.train_seconds, 2), round(w, 2), r.epochs_run, r.best_epoch]
+                      for n, _, r, w in fits]}
+    return test, extra, table
 
 
 def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir: Path | None = None,
@@ -94,7 +164,8 @@ def record_finished_run(task: Task, run_dir: Path, config_name: str, results_dir
               "epochs": len(history),
               "train_samples_per_s": round(sum(h["samples_per_s"] for h in history) / max(len(history), 1), 2),
               "monitor": cfg.train.monitor or task.monitor, "test": test, "extra": {},
-              "report": task.bench_report(cfg, run_dir, results, key), "resolved_config": to_dict(cfg)}
+              "report": task.bench_report(cfg, run_dir, results, key, data_root=data_root),
+              "resolved_config": to_dict(cfg)}
     if data_root is not None:
         now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         record["extra"] = {**task.bench_extra(cfg, Path(data_root)),

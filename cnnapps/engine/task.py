@@ -119,11 +119,22 @@ class Task:
         """Task-specific measurements that ``bench`` adds to the results file (pipeline throughput, ...)."""
         return {}
 
-    def bench_report(self, cfg: TaskConfig, run_dir: Path, results_dir: Path, key: str) -> dict[str, Any]:
-        """What the task adds to its results section from a finished run folder ``run_dir`` (what ``report``
-        wrote there): ``{"notes": [Markdown paragraphs], "tables": [{"title": str, "columns": [...], "rows":
-        [[...], ...]}], "pictures": {caption: file name the hook wrote into results_dir}}``, any part optional;
-        other keys are kept in the JSON only. ``key``: the section's name in the results file. Default: {}."""
+    def bench_runs(self, cfg: TaskConfig, data_root: Path) -> list[tuple[str, TaskConfig]]:
+        """The trainings one ``bench`` record is made of: ``[("", cfg)]``, one run, by default. A task may return
+        several named configs (the folds of a cross-validation; ``group/fold`` names for variants over the same
+        folds); bench then trains and tests each, and reports the mean of their test metrics with the monitor's
+        minimum, maximum and spread, and a table of one row per run."""
+        return [("", cfg)]
+
+    def bench_report(self, cfg: TaskConfig, run_dir: Path, results_dir: Path, key: str,
+                     data_root: Path | None = None) -> dict[str, Any]:
+        """What the task adds to its results section, made from a finished run folder ``run_dir`` (what
+        ``report`` wrote there, and ``run_dir/checkpoints/best.pt``) before a bench run's folder is deleted:
+        ``{"notes": [Markdown paragraphs], "tables": [{"title": str, "columns": [...], "rows": [[...], ...],
+        "note": str (optional)}], "pictures": {caption: file name the hook wrote into results_dir}, "extra":
+        {measurement: value}}``, any part optional; other keys are kept in the JSON only. ``key``: the section's
+        name in the results file; ``data_root``: the data folder (None when a finished ``train`` run is recorded
+        without it). Called once per run of ``bench_runs``. Default: {}."""
         return {}
 
     def speed_measurements(self, data_root: Path | None) -> dict[str, Any]:

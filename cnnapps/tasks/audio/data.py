@@ -24,7 +24,7 @@ from cnnapps.data.root import DataNotFoundError, cache_dir, require_path
 log = logging.getLogger(__name__)
 
 # Bump when the decoding below changes, so caches written by older code are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: WAVs cut short are refused
 FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[A-Za-z]+)_(?P<index>\d+)\.wav$", re.IGNORECASE)
 FSDD_CLASSES = [str(d) for d in range(10)]
 
@@ -56,11 +56,43 @@ def _check_samples(path: Path, x: np.ndarray) -> None:
         raise AudioReadError(f"{path}: holds NaN or infinite samples")
 
 
+def wav_truncation(path: Path) -> str | None:
+    """For a RIFF/WAVE file whose ``data`` chunk declares more bytes than the file holds (a copy or a recording
+    cut short), a description of the shortfall; None for complete WAVs, other formats, and WAVs that leave the
+    size open (0 or 0xFFFFFFFF, as streaming writers do). libsndfile itself silently reads what is there."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = path.stat().st_size
+            pos = 12
+            while pos + 8 <= size:
+                f.seek(pos)
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                declared = int.from_bytes(chunk[4:8], "little")
+                if chunk[:4] == b"data":
+                    held = size - pos - 8
+                    if declared in (0, 0xFFFFFFFF) or declared <= held:
+                        return None
+                    return f"truncated: the header declares {declared} bytes of audio, the file holds {held}"
+                pos += 8 + declared + (declared & 1)
+    except OSError:
+        return None
+    return None
+
+
 def open_audio(path: str | os.PathLike) -> sf.SoundFile:
-    """Open ``path`` with soundfile; any file libsndfile cannot parse raises AudioReadError naming it."""
+    """Open ``path`` with soundfile; any file libsndfile cannot parse, and a WAV cut short, raise AudioReadError
+    naming it."""
     path = Path(path)
     if not path.is_file():
         raise AudioReadError(f"{path}: no such file")
+    short = wav_truncation(path)
+    if short:
+        raise AudioReadError(f"{path}: {short}")
     try:
         f = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
@@ -363,7 +395,7 @@ def skip_reason(error: str) -> str:
     """A short, countable reason from an AudioReadError message (the path is dropped)."""
     msg = error.split(": ", 1)[-1]
     for key in ("empty audio", "not a readable audio file", "decoding failed", "NaN or infinite", "invalid header",
-                "no such file"):
+                "no such file", "truncated"):
         if key in msg:
             return key
     return msg[:60]

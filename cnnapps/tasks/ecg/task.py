@@ -433,7 +433,8 @@ class ECGTask(Task):
                 out["ECG strip coloured by predicted rhythm"] = strip.name
         return out
 
-    def bench_report(self, cfg: ECGConfig, run_dir: Path, results_dir: Path, key: str) -> dict[str, Any]:
+    def bench_report(self, cfg: ECGConfig, run_dir: Path, results_dir: Path, key: str,
+                     data_root: Path | None = None) -> dict[str, Any]:
         """The headline facts of a finished run for its results section: the network actually trained, the label
         file, the split and the record-level rule, the confusion matrix; the default run's strip and confusion
         pictures are copied into ``results_dir``; for beats, ours beside de Chazal et al. (2004). See
