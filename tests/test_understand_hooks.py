@@ -130,6 +130,7 @@ THIRD_PARTY = textwrap.dedent('''
 
     @dataclass
     class DigitsConfig(TaskConfig):
+        data: dict = field(default_factory=dict)
         model: dict = field(default_factory=dict)
         train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.1, batch_size=64))
 
@@ -255,6 +256,11 @@ def test_a_third_party_task_is_explained_through_cnnapps_explain(third_party, tm
     assert "feature_info" in capsys.readouterr().err
     assert main(["visualize", "--checkpoint", ckpt, "--what", "filters", "--out", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["weight_shape"] == [8, 1, 3, 3]
+    # no explain_examples hook: topk says so in one line
+    assert main(["visualize", "--checkpoint", ckpt, "--what", "topk", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path)]) == 2
+    assert "task 'explaineddigits' has no explain hook: it would need Task.explain_examples" in \
+        capsys.readouterr().err
 
 
 def test_a_task_without_explain_hooks_is_a_one_line_error(third_party, tmp_path):

@@ -162,26 +162,27 @@ class Task:
     def explain_view(self, model: nn.Module, cfg: TaskConfig, state: dict) -> ExplainView:
         """A checkpoint's model (eval mode) as attribution sees it: a tensor-in, logits-out model, its backbone,
         the kind of input, class names, input shape, sampling rate, front end."""
-        raise _no_explain_hook(self, "explain_view")
+        raise no_explain_hook(self, "explain_view")
 
     def explain_input(self, view: ExplainView, path: str, **options: Any) -> LoadedInput:
         """One input file read with the task's own preprocessing, as ``view.model`` takes it. ``options``: the
         command line's (``start_s``, ``max_seconds``, ``lead``); a task ignores those it has no use for. Raises
         ValueError naming the file when it cannot be read."""
-        raise _no_explain_hook(self, "explain_input")
+        raise no_explain_hook(self, "explain_input")
 
     def explain_examples(self, view: ExplainView, data: DataSplits, split: str,
                          max_examples: int) -> Iterator[LoadedInput]:
         """The first ``max_examples`` examples of ``split`` of ``data`` (built with the checkpoint's state), each
         as ``explain_input`` would return it (``visualize --what topk``)."""
-        raise _no_explain_hook(self, "explain_examples")
+        raise no_explain_hook(self, "explain_examples")
 
     def explain_samples(self, data_root: Path, out_dir: Path) -> ExplainSamples:
         """A few input files of the task's own data (written into ``out_dir`` where they are not files already)
         for ``understand-report``'s pictures and timings."""
-        raise _no_explain_hook(self, "explain_samples")
+        raise no_explain_hook(self, "explain_samples")
 
 
-def _no_explain_hook(task: Task, hook: str) -> ConfigError:
+def no_explain_hook(task: Task, hook: str) -> ConfigError:
+    """The one-line error for a task that lacks the explain hook ``hook`` (the hook's default raises it)."""
     return ConfigError(f"task {task.name!r} has no explain hook: it would need Task.{hook} (see "
                        "cnnapps.understand.views) to be explained")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnapps.engine.task import Task
+from cnnapps.engine.task import Task, no_explain_hook
 from cnnapps.understand.views import KINDS, ExplainSamples, ExplainView, LoadedInput
 
 log = logging.getLogger(__name__)
@@ -23,9 +23,20 @@ __all__ = ["KINDS", "ExplainView", "LoadedInput", "ExplainSamples", "has_explain
 HOOKS = ("explain_view", "explain_input")  # the two a task needs to be explained at all
 
 
+def _missing(task: Task, hooks: tuple[str, ...]) -> list[str]:
+    return [h for h in hooks if getattr(type(task), h) is getattr(Task, h)]
+
+
 def has_explain_hooks(task: Task, hooks: tuple[str, ...] = HOOKS) -> bool:
     """Whether ``task`` implements the explain hooks ``hooks`` (overrides the Task base's defaults)."""
-    return all(getattr(type(task), h) is not getattr(Task, h) for h in hooks)
+    return not _missing(task, hooks)
+
+
+def _require(task: Task, hooks: tuple[str, ...] = HOOKS) -> None:
+    """ConfigError ("task X has no explain hook: ...") for the first of ``hooks`` that ``task`` lacks."""
+    missing = _missing(task, hooks)
+    if missing:
+        raise no_explain_hook(task, missing[0])
 
 
 def explainable_tasks() -> list[Task]:
@@ -61,8 +72,7 @@ def load_view(checkpoint: str | Path, device: torch.device | str = "cpu") -> Exp
     if not task_name:
         raise ValueError(f"{checkpoint}: the checkpoint does not say which task wrote it")
     task = _task(task_name)
-    if not has_explain_hooks(task):
-        task.explain_view(None, None, {})  # raises the task's "no explain hook" error
+    _require(task)
     model, cfg, state = model_from_checkpoint(task, checkpoint, device)
     model.eval()
     view = task.explain_view(model, cfg, state)
@@ -86,8 +96,7 @@ def iter_examples(view: ExplainView, data_root: Path, split: str = "val",
     """(index, x (1, C, *L) as ``view.model`` takes it, display array) for the examples of one split of the task's
     own data, rebuilt with the checkpoint's preprocessing (``Task.explain_examples``); at most ``max_examples``."""
     task = _task(view.task)
-    if not has_explain_hooks(task, ("explain_examples",)):
-        task.explain_examples(view, None, split, max_examples)  # raises the task's "no explain hook" error
+    _require(task, ("explain_examples",))
     data = task.build_data(view.cfg, Path(data_root), state=view.state)
     for i, item in enumerate(task.explain_examples(view, data, split, max_examples)):
         if i >= max_examples:
