@@ -198,8 +198,7 @@ def cmd_understand_report(args: argparse.Namespace) -> int:
     from cnnapps.understand.report import write_report
 
     path = _understand_errors(write_report, results_dir=args.results, data_dir=args.data_dir, quick=args.quick,
-                              cache_dir=args.cache, classify_checkpoint=args.classify_checkpoint,
-                              ecg_checkpoint=args.ecg_checkpoint, audio_checkpoint=args.audio_checkpoint,
+                              cache_dir=args.cache, checkpoints=args.checkpoint,
                               timings=False if args.no_timings else None)
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
@@ -224,7 +223,8 @@ def add_understand_parsers(sub: Any) -> None:
                    help="occlusion window in samples (default: 1/8 of the image side, 0.25 s of ECG)")
     p.add_argument("--start", type=float, default=0.0, help="ECG: first second to explain")
     p.add_argument("--seconds", type=float, default=30.0, help="ECG: seconds to explain (0: the whole record)")
-    p.add_argument("--lead", default=None, help="ECG: signal name to read (default: the training lead)")
+    p.add_argument("--lead", default=None, help="ECG: leads to read, comma-separated (default: the leads the model "
+                   "was trained on)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_explain)
 
@@ -250,9 +250,9 @@ def add_understand_parsers(sub: Any) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache", default=None, help="where trained probe backbones are kept (default: the cache dir)")
     p.add_argument("--quick", action="store_true", help="tiny probe (seconds): for tests, not for results")
-    p.add_argument("--classify-checkpoint", default=None, help="image model for Grad-CAM (default: train ci)")
-    p.add_argument("--ecg-checkpoint", default=None, help="ECG model for the strip (default: train ci)")
-    p.add_argument("--audio-checkpoint", default=None, help="audio model for the timings (default: train ci)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
+                   help="a task checkpoint to use in place of its task's ci run (repeatable; default: every task "
+                        "with explain hooks trains its ci config)")
     p.add_argument("--no-timings", action="store_true", help="skip timing every command on the ci checkpoints")
     p.set_defaults(func=cmd_understand_report)
 

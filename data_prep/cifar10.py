@@ -8,7 +8,7 @@ import argparse
 import logging
 
 from cnnapps.data.root import find_data_root
-from cnnapps.tasks.classify.data import prepare_cifar10
+from cnnapps.data.cifar10 import prepare_cifar10
 
 
 def main() -> None:

@@ -71,8 +71,9 @@ def read_weights_file(path: Path, what: str = "weights file") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text:
-            culprit = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
+        culprit = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
+        # "Unsupported operand": bytes that are no pickle at all (a corrupt file), not a pickle of foreign objects
+        if "Weights only load failed" in text and "Unsupported operand" not in culprit:
             raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors, which are not "
                                   f"loaded from files ({culprit.rstrip('.')})" if culprit else
                                   f"{path}: refused: it holds Python objects other than tensors") from None

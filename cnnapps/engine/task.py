@@ -6,14 +6,17 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cnnapps.engine.config import TrainConfig
+from cnnapps.engine.config import ConfigError, TrainConfig
 from cnnapps.metrics.base import Metric
+
+if TYPE_CHECKING:
+    from cnnapps.understand.views import ExplainSamples, ExplainView, LoadedInput
 
 
 # the names a batch dict's model input goes by in the built-in tasks (``Task.example_inputs``)
@@ -172,3 +175,32 @@ class Task:
     def report(self, run_dir: Path, metric: Metric, data: DataSplits) -> dict[str, str]:
         """Write plots for a finished evaluation into ``run_dir``; return {what: relative path}."""
         return {}
+
+    # ---- explain hooks: `cnnapps explain`, `visualize`, `understand-report` (types: cnnapps.understand.views)
+    def explain_view(self, model: nn.Module, cfg: TaskConfig, state: dict) -> ExplainView:
+        """A checkpoint's model (eval mode) as attribution sees it: a tensor-in, logits-out model, its backbone,
+        the kind of input, class names, input shape, sampling rate, front end."""
+        raise no_explain_hook(self, "explain_view")
+
+    def explain_input(self, view: ExplainView, path: str, **options: Any) -> LoadedInput:
+        """One input file read with the task's own preprocessing, as ``view.model`` takes it. ``options``: the
+        command line's (``start_s``, ``max_seconds``, ``lead``); a task ignores those it has no use for. Raises
+        ValueError naming the file when it cannot be read."""
+        raise no_explain_hook(self, "explain_input")
+
+    def explain_examples(self, view: ExplainView, data: DataSplits, split: str,
+                         max_examples: int) -> Iterator[LoadedInput]:
+        """The first ``max_examples`` examples of ``split`` of ``data`` (built with the checkpoint's state), each
+        as ``explain_input`` would return it (``visualize --what topk``)."""
+        raise no_explain_hook(self, "explain_examples")
+
+    def explain_samples(self, data_root: Path, out_dir: Path) -> ExplainSamples:
+        """A few input files of the task's own data (written into ``out_dir`` where they are not files already)
+        for ``understand-report``'s pictures and timings."""
+        raise no_explain_hook(self, "explain_samples")
+
+
+def no_explain_hook(task: Task, hook: str) -> ConfigError:
+    """The one-line error for a task that lacks the explain hook ``hook`` (the hook's default raises it)."""
+    return ConfigError(f"task {task.name!r} has no explain hook: it would need Task.{hook} (see "
+                       "cnnapps.understand.views) to be explained")

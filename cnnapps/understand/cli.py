@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnapps.understand.adapters import ExplainView, LoadedInput, load_input, load_view
+from cnnapps.engine.config import ConfigError
+from cnnapps.understand.adapters import load_input, load_view
+from cnnapps.understand.views import ExplainView, LoadedInput
 from cnnapps.understand.attribution import METHODS, attribute, predicted_class, to_map, upsample_to
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def _method_kwargs(method: str, view: ExplainView, x: torch.Tensor, stage: int |
         return {"steps": steps}
     if method == "occlusion":
         if window is None:
-            if view.kind in ("ecg", "waveform"):
+            if view.one_d:
                 window = max(8, int(round(0.25 * (view.fs or 200))))  # a quarter second: about a QRS complex
             else:
                 window = max(2, min(x.shape[2:]) // 8)
@@ -69,8 +71,9 @@ def _as_input_map(method: str, attr: torch.Tensor, x: torch.Tensor) -> np.ndarra
 def explain_one(view: ExplainView, item: LoadedInput, method: str, out_dir: Path, stage: int | None = None,
                 target: int | None = None, steps: int = 32, window: int | None = None) -> dict[str, Any]:
     """Attribute one loaded input and draw it; returns a JSON-ready row (input, label, probabilities, target,
-    png, npy). ECG records get one attribution per predicted rhythm (the class's logits summed over the steps
-    where it is predicted); images and spectrograms one for the target (default: the predicted class)."""
+    png, npy). Models with per-step outputs (``view.output_step``, e.g. rhythm labelling) get one attribution
+    per predicted class (the class's logits summed over the steps where it is predicted) and a row with the
+    record-level mean probabilities; the others one for the target (default: the predicted class)."""
     from cnnapps.understand import plots
 
     x = item.x
@@ -79,10 +82,13 @@ def explain_one(view: ExplainView, item: LoadedInput, method: str, out_dir: Path
     stem = Path(item.path).name.replace(".", "_")
     signed = method == "integrated-gradients"
     row: dict[str, Any] = {"input": item.path, "method": method}
+    if item.info.get("channels"):
+        row["channels"] = list(item.info["channels"])
     kw = _method_kwargs(method, view, x, stage, steps, window)
-    if view.kind == "ecg":
-        step = int(view.state["step"])
-        valid = -(-int(item.info["samples"]) // step)
+    if view.output_step:
+        step = int(view.output_step)
+        n = int(item.valid or x.shape[-1])  # the samples that are data, not padding to a whole last step
+        valid = -(-n // step)
         prob = torch.softmax(out.float(), 1)[0, :, :valid]  # (K, steps)
         step_cls = prob.argmax(0)
         mean = prob.mean(1)
@@ -95,13 +101,13 @@ def explain_one(view: ExplainView, item: LoadedInput, method: str, out_dir: Path
             mask[:valid] = (step_cls == c).float() if target is None else 1.0
             attr = attribute(method, view.model, x, lambda o, c=c, m=mask: (o[:, c, :] * m).sum(-1), **kw)
             heats[view.class_names[c]] = _as_input_map(method, attr, x)
-        n = int(item.info["samples"])  # drop the zero padding that completes the last step
         heats = {k: v[:n] for k, v in heats.items()}
         png = plots.plot_signal_attribution(item.display[:n], view.fs or 1.0, heats,
                                             out_dir / f"{stem}_{method}.png", signed=signed,
                                             steps=np.array([view.class_names[int(c)] for c in step_cls]), step=step,
-                                            title=f"{Path(item.path).name} ({item.info.get('lead', '')}): {method} "
-                                                  f"per predicted rhythm; record label {row['label']}")
+                                            title=f"{Path(item.path).name}{_channels(item)}: {method} "
+                                                  f"per predicted class; record label {row['label']}",
+                                            channel_names=item.info.get("channels"))
         row["targets"] = list(heats)
         np.savez_compressed(out_dir / f"{stem}_{method}.npz", signal=item.display[:n], **heats)
         row.update(png=str(png), npz=str(out_dir / f"{stem}_{method}.npz"))
@@ -126,10 +132,16 @@ def explain_one(view: ExplainView, item: LoadedInput, method: str, out_dir: Path
                                                  title, signed)
     else:
         png = plots.plot_signal_attribution(item.display, view.fs or 1.0, {view.class_names[c]: heat},
-                                            out_dir / f"{stem}_{method}.png", title, signed)
+                                            out_dir / f"{stem}_{method}.png", title, signed,
+                                            channel_names=item.info.get("channels"))
     np.save(out_dir / f"{stem}_{method}.npy", heat.astype(np.float32))
     row.update(png=str(png), npy=str(out_dir / f"{stem}_{method}.npy"))
     return row
+
+
+def _channels(item: LoadedInput) -> str:
+    names = item.info.get("channels") or []
+    return f" ({', '.join(names)})" if names else ""
 
 
 def run_explain(checkpoint: str | Path, inputs: Sequence[str], method: str, out_dir: str | Path,
@@ -181,7 +193,7 @@ def run_visualize(checkpoint: str | Path, out_dir: str | Path, what: str = "filt
     t0 = time.perf_counter()
     view = load_view(checkpoint, device)
     row: dict[str, Any] = {"checkpoint": str(checkpoint), "task": view.task, "what": what}
-    one_d = view.kind in ("ecg", "waveform")
+    one_d = view.one_d
     if what == "filters":
         name, conv = vis.first_conv(view.backbone)
         png = vis.plot_filters(conv.weight, out / "filters.png", f"{view.task}: first layer {name} "
@@ -189,9 +201,9 @@ def run_visualize(checkpoint: str | Path, out_dir: str | Path, what: str = "filt
         row.update(layer=name, weight_shape=list(conv.weight.shape), png=str(png))
     elif what == "maximize":
         mean = std = bounds = None
-        if view.kind == "image":
-            mean = torch.as_tensor(view.state["mean"], dtype=torch.float32)
-            std = torch.as_tensor(view.state["std"], dtype=torch.float32)
+        if view.mean is not None and view.std is not None:
+            mean = torch.as_tensor(view.mean, dtype=torch.float32)
+            std = torch.as_tensor(view.std, dtype=torch.float32)
             shape = (1, -1, 1, 1)
             bounds = ((0 - mean) / std).view(shape).to(device), ((1 - mean) / std).view(shape).to(device)
         if channel is not None:
@@ -215,10 +227,13 @@ def run_visualize(checkpoint: str | Path, out_dir: str | Path, what: str = "filt
         from cnnapps.data.root import find_data_root
         from cnnapps.understand.adapters import iter_examples
 
+        examples = iter_examples(view, find_data_root(data_dir), split, max_examples)
+        if getattr(view.backbone, "feature_info", None) is None:
+            raise ConfigError(f"{checkpoint}: {type(view.backbone).__name__} has no feature_info (no zoo backbone "
+                              "stages), so topk has no stage to probe")
         n_stages = len(view.backbone.feature_info)
         st = n_stages // 2 if stage is None else stage % n_stages
         ch = 0 if channel is None else channel
-        examples = iter_examples(view, find_data_root(data_dir), split, max_examples)
         patches = vis.top_k_patches(view.model, view.backbone, examples, st, ch, k)
         png = vis.plot_patches(patches, out / "topk.png", f"{view.task}: top {len(patches)} {split} examples for "
                                f"stage {st} channel {ch} (crops = the unit's receptive field)",

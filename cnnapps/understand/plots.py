@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -54,19 +54,26 @@ def smooth(heat: np.ndarray, width: int) -> np.ndarray:
 
 def plot_signal_attribution(signal: np.ndarray, fs: float, heats: Mapping[str, np.ndarray], out_png: Path,
                             title: str = "", signed: bool = False, steps: np.ndarray | None = None,
-                            step: int = 256, smooth_s: float = 0.04) -> Path:
-    """A 1D signal (T,) at ``fs`` drawn once per entry of ``heats`` ({label: (T,) attribution}), in 10 s rows,
-    in black over a background coloured by the attribution at each moment (moving average over ``smooth_s``
-    seconds), i.e. an ECG strip per predicted rhythm. ``steps`` (per-step class names, optional) are written
-    under each row where the predicted label changes. Returns ``out_png``."""
+                            step: int = 256, smooth_s: float = 0.04,
+                            channel_names: Sequence[str] | None = None) -> Path:
+    """A 1D signal (T,) at ``fs``, or several (T, C) stacked top to bottom (ECG leads, named by
+    ``channel_names``), drawn once per entry of ``heats`` ({label: (T,) attribution}), in 10 s rows, in black
+    over a background coloured by the attribution at each moment (moving average over ``smooth_s`` seconds),
+    i.e. an ECG strip per predicted rhythm. ``steps`` (per-step class names, optional) are written under each
+    row where the predicted label changes. Returns ``out_png``."""
     signal = np.asarray(signal, dtype=np.float64)
-    seconds = len(signal) / fs
+    traces = signal[:, None] if signal.ndim == 1 else signal  # (T, C)
+    n_ch = traces.shape[1]
+    seconds = len(traces) / fs
     rows_per = max(1, math.ceil(seconds / ROW_SECONDS))
     n_rows = rows_per * max(1, len(heats))
-    fig, axes = plt.subplots(n_rows, 1, figsize=(12, 1.5 * n_rows + 0.8), squeeze=False)
-    lo, hi = np.percentile(signal, [0.5, 99.5]) if len(signal) else (-1.0, 1.0)
-    pad = 0.15 * (hi - lo + 1e-6)
-    t = np.arange(len(signal)) / fs
+    fig, axes = plt.subplots(n_rows, 1, figsize=(12, (1.5 + 0.9 * (n_ch - 1)) * n_rows + 0.8), squeeze=False)
+    lo, hi = np.percentile(traces, [0.5, 99.5]) if len(traces) else (-1.0, 1.0)
+    gap = 1.1 * (hi - lo + 1e-6)  # one channel's band; channel k is drawn k bands lower
+    traces = traces - gap * np.arange(n_ch)[None, :]
+    lo -= gap * (n_ch - 1)
+    pad = 0.15 * (hi - lo + 1e-6) / n_ch
+    t = np.arange(len(traces)) / fs
     for k, (label, heat) in enumerate(heats.items()):
         h = normalise_heat(smooth(heat, int(round(smooth_s * fs))), signed)
         for r in range(rows_per):
@@ -75,7 +82,10 @@ def plot_signal_attribution(signal: np.ndarray, fs: float, heats: Mapping[str, n
             i0, i1 = int(a * fs), int(b * fs)
             ax.imshow(h[None, i0:i1], extent=(a, b, lo - pad, hi + pad), aspect="auto", interpolation="nearest",
                       cmap="RdBu_r" if signed else "Reds", vmin=-1 if signed else 0, vmax=1, alpha=0.8)
-            ax.plot(t[i0:i1], signal[i0:i1], color="black", lw=0.6)
+            ax.plot(t[i0:i1], traces[i0:i1], color="black", lw=0.6)
+            if n_ch > 1 and channel_names:
+                for c, name in enumerate(channel_names[:n_ch]):
+                    ax.text(a + 0.05, hi - gap * c, str(name), fontsize=7, color="dimgray", va="top")
             ax.set_xlim(a, a + ROW_SECONDS)
             ax.set_ylim(lo - pad, hi + pad)
             ax.set_yticks([])

@@ -186,7 +186,7 @@ def train_backbone(model: str, cfg: ProbeConfig, data_root: Path, cache: Path | 
     """Train (or load from ``cache``) a probe backbone on the CIFAR-10 subset as ``ProbeConfig`` says; ``info``
     records epochs, images, seconds and test accuracy on the subset's 2,000 test images."""
     from cnnapps.engine.checkpoint import load_checkpoint, save_checkpoint
-    from cnnapps.tasks.classify.data import load_cifar10
+    from cnnapps.data.cifar10 import prepare_cifar10
 
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(model, cfg)
@@ -203,20 +203,22 @@ def train_backbone(model: str, cfg: ProbeConfig, data_root: Path, cache: Path | 
         return TrainedBackbone(model, backbone.eval(), mean, std,
                                {"trained_on": "nothing: train_epochs=0 (weights as initialised)", "epochs": 0,
                                 "params": sum(p.numel() for p in backbone.parameters())})
-    raw = load_cifar10(Path(data_root))
-    x_train = torch.from_numpy(raw.train.images).permute(0, 3, 1, 2).float() / 255
-    y_train = torch.from_numpy(raw.train.labels).long()
+    with np.load(prepare_cifar10(Path(data_root))) as z:
+        train_images, train_labels, test_images, test_labels = z["x_train"], z["y_train"], z["x_test"], z["y_test"]
+        n_classes = len(z["classes"])
+    x_train = torch.from_numpy(train_images).permute(0, 3, 1, 2).float() / 255
+    y_train = torch.from_numpy(train_labels).long()
     if cfg.train_limit:  # the cached arrays are grouped by class: take a seeded random subset
         keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]
         x_train, y_train = x_train[keep], y_train[keep]
     mean, std = x_train.mean((0, 2, 3)), x_train.std((0, 2, 3))
-    x_test = torch.from_numpy(raw.test.images).permute(0, 3, 1, 2).float() / 255
-    y_test = torch.from_numpy(raw.test.labels).long()
+    x_test = torch.from_numpy(test_images).permute(0, 3, 1, 2).float() / 255
+    y_test = torch.from_numpy(test_labels).long()
     if cfg.train_size != x_train.shape[-1]:
         x_train = F.interpolate(x_train, size=cfg.train_size, mode="bilinear", align_corners=False, antialias=True)
         x_test = F.interpolate(x_test, size=cfg.train_size, mode="bilinear", align_corners=False, antialias=True)
     norm = lambda t: (t - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)  # noqa: E731
-    net = _Classifier(backbone, len(raw.class_names))
+    net = _Classifier(backbone, n_classes)
     steps = cfg.train_epochs * math.ceil(len(x_train) / cfg.batch_size)
     # Adam, not the paper-era SGD: the thin VGG-16 has no batch norm, its activations shrink ~10x from the first
     # stage to the last at initialisation, and SGD at lr 0.01-0.05 left its loss at ln 10 for two epochs.

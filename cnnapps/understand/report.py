@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,14 @@ from cnnapps.data.root import cache_dir as default_cache_dir
 from cnnapps.data.root import find_data_root
 from cnnapps.engine.plots import save_figure
 from cnnapps.engine.runinfo import REPO_ROOT, load_average, results_dir as default_results_dir, run_facts
+from cnnapps.engine.task import Task
 from cnnapps.understand import plots
 from cnnapps.understand import visualize as vis
+from cnnapps.understand.adapters import explainable_tasks, load_input, load_view, sample_inputs
 from cnnapps.understand.posenet import (MODEL_NAMES, MODELS, TARGETS, ProbeConfig, TrainedBackbone,
                                         constant_images, extract_features, format_position_tables, load_voc_images,
                                         position_map, run_position_probe, train_backbone, train_readout)
+from cnnapps.understand.views import KINDS, ExplainSamples, ExplainView
 
 log = logging.getLogger(__name__)
 
@@ -34,111 +39,140 @@ PUBLISHED_RF = {("lenet5", "c5"): "32 (LeCun et al. 1998: C5 sees all of the 32x
                 ("zfnet", "relu5"): "139 (+2x16 for a 3x3 window: 171, Ren et al. 2015)"}
 
 
-# ---------------------------------------------------------------- checkpoints of the tasks' ci configs
+# ---------------------------------------------------------------- the explained tasks and their ci checkpoints
 
 
-def ci_checkpoint(task_name: str, root: Path, cache: Path, quick: bool = False) -> Path:
-    """best.pt of the task's shipped ``ci`` config run, trained once into ``cache`` (``quick``: one epoch of
-    five steps, a smoke model for tests)."""
+@dataclass
+class Explained:
+    """One task checkpoint in the report: its view (kind, class names, backbone) and the task's sample inputs
+    (None: the task has no ``explain_samples`` hook or no data here; it is then left out of pictures and
+    timings)."""
+
+    task: str
+    checkpoint: Path
+    view: ExplainView
+    samples: ExplainSamples | None
+
+
+def ci_checkpoint(task: Task, root: Path, cache: Path, quick: bool = False, smoke: Sequence[str] = ()) -> Path:
+    """best.pt of the task's shipped bench config (``ci``) run, trained once into ``cache`` (``quick``: one epoch
+    of five steps plus the task's ``smoke`` overrides, a smoke model for tests)."""
     from cnnapps.engine.config import load_config
     from cnnapps.engine.trainer import fit
-    from cnnapps.tasks import get_task
 
-    run = cache / f"ci-{task_name}{'-quick' if quick else ''}"
+    run = cache / f"ci-{task.name}{'-quick' if quick else ''}"
     best = run / "checkpoints" / "best.pt"
     if best.is_file():
         return best
-    task = get_task(task_name)
-    overrides = ["train.epochs=1", "train.max_steps_per_epoch=5"] if quick else []
-    if quick and task_name == "ecg":
-        overrides.append("data.max_records=200")
-    if quick and task_name == "audio":
-        overrides.append("data.max_per_class=4")
+    overrides = ["train.epochs=1", "train.max_steps_per_epoch=5", *smoke] if quick else []
     cfg = load_config(task.Config, task.bench_config, overrides, search=task.config_dir())
-    log.info("training the %s ci checkpoint for the report into %s", task_name, run)
+    log.info("training the %s ci checkpoint for the report into %s", task.name, run)
     fit(task, cfg, run, root, quiet=True)
     return best
 
 
-def _example_inputs(root: Path, out: Path) -> dict[str, list[str]]:
-    """Input files for each task's pictures and timings: MNIST test digits written as PNG, a CinC record with
-    atrial fibrillation and MIT-BIH record 100, FSDD recordings."""
-    from PIL import Image
+def explained_checkpoints(root: Path, cache: Path, quick: bool = False,
+                          checkpoints: Sequence[str | Path] = ()) -> list[Explained]:
+    """Every installed task with explain hooks, each with a checkpoint: the one given in ``checkpoints`` for its
+    task, else its ci config's run (trained once into ``cache``). Ordered by the kind of input (KINDS), then
+    task name."""
+    from cnnapps.tasks import get_task
 
-    from cnnapps.tasks.ecg.prepare import cinc2017_source, mitdb_source
+    given: dict[str, Path] = {}
+    for path in checkpoints:
+        view = load_view(path)
+        given[view.task] = Path(path)
+    tasks = {t.name: t for t in explainable_tasks()}
+    for name in given:
+        tasks.setdefault(name, get_task(name))
+    out = []
+    for name, task in sorted(tasks.items()):
+        samples = sample_inputs(task, root, cache / "inputs" / name)
+        if name not in given and samples is None:
+            log.warning("task %s has explain hooks but no sample inputs here; no ci checkpoint trained for it", name)
+            continue
+        ckpt = given.get(name) or ci_checkpoint(task, root, cache, quick, samples.smoke if samples else ())
+        out.append(Explained(name, ckpt, load_view(ckpt), samples))
+    return sorted(out, key=lambda e: (KINDS.index(e.view.kind), e.task))
 
-    out.mkdir(parents=True, exist_ok=True)
-    with np.load(root / "mnist" / "mnist.npz") as z:
-        digits = []
-        for i in (0, 1, 2, 3):
-            path = out / f"mnist_test_{i}_label{int(z['y_test'][i])}.png"
-            Image.fromarray(z["x_test"][i]).save(path)
-            digits.append(str(path))
-    cinc = cinc2017_source(root)
-    labels = dict(line.split(",") for line in cinc.reference.read_text().split())
-    af = next(name for name, label in labels.items() if label == "A")
-    ecg = [str(cinc.record_dir / af), str(mitdb_source(root).record_dir / "100")]
-    audio = [str(root / "fsdd" / "recordings" / f) for f in ("3_theo_0.wav", "7_jackson_1.wav")]
-    return {"classify": digits, "ecg": ecg, "audio": audio}
+
+def _first(explained: Sequence[Explained], kind: str) -> Explained | None:
+    """The first checkpoint whose view is of ``kind`` and whose task gave sample inputs."""
+    return next((e for e in explained if e.view.kind == kind and e.samples and e.samples.inputs), None)
+
+
+def _caption(samples: ExplainSamples, index: int) -> str:
+    return samples.captions[index] if index < len(samples.captions) else samples.about
 
 
 # ---------------------------------------------------------------- pictures
 
 
-def _picture_attribution_grid(ckpt: Path, inputs: list[str], out_png: Path) -> dict[str, Any]:
-    """Grad-CAM and the four other methods side by side on a few images (rows) from a classify checkpoint."""
+def _picture_attribution_grid(e: Explained, out_png: Path, rows: int = 3) -> dict[str, Any]:
+    """Grad-CAM and the four other methods side by side on a few images (rows) of an image checkpoint; whether
+    guided backpropagation differs from the plain gradient on it (it does not on a network without ReLUs)."""
     import matplotlib.pyplot as plt
 
-    from cnnapps.understand.adapters import load_input, load_view
     from cnnapps.understand.attribution import METHODS, attribute, predicted_class
     from cnnapps.understand.cli import _as_input_map, _method_kwargs, default_cam_stage
 
-    view = load_view(ckpt)
+    view, inputs = e.view, e.samples.inputs[:rows]
     fig, axes = plt.subplots(len(inputs), 1 + len(METHODS), figsize=(2.0 * (1 + len(METHODS)), 2.1 * len(inputs)),
                              squeeze=False)
     stage = None
+    guided_gap = 0.0
     for r, path in enumerate(inputs):
         item = load_input(view, path)
         with torch.no_grad():
             c = int(predicted_class(view.model(item.x))[0])
         axes[r, 0].imshow(item.display)
         axes[r, 0].set_title(f"predicted {view.class_names[c]}", fontsize=8)
+        maps = {}
         for k, method in enumerate(METHODS, start=1):
             kw = _method_kwargs(method, view, item.x, None, 32, None)
             stage = kw.get("stage", stage)
-            heat = _as_input_map(method, attribute(method, view.model, item.x, c, **kw), item.x)
+            raw = attribute(method, view.model, item.x, c, **kw)
+            maps[method] = raw
+            heat = _as_input_map(method, raw, item.x)
             signed = method == "integrated-gradients"
             axes[r, k].imshow(item.display.mean(2), cmap="gray")
             axes[r, k].imshow(plots.normalise_heat(heat, signed), cmap="RdBu_r" if signed else "jet", alpha=0.55,
                               vmin=-1 if signed else 0, vmax=1)
             if r == 0:
                 axes[r, k].set_title(method + (f" (stage {stage})" if method == "gradcam" else ""), fontsize=8)
+        if "saliency" in maps and "guided-backprop" in maps:
+            scale = float(maps["saliency"].abs().max()) or 1.0
+            guided_gap = max(guided_gap, float((maps["guided-backprop"] - maps["saliency"]).abs().max()) / scale)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     save_figure(fig, out_png)
     if stage is None:
         stage = default_cam_stage(view, load_input(view, inputs[0]).x)
-    return {"png": out_png.name, "stage": stage, "stage_module": view.backbone.feature_info.module_name(stage)}
+    return {"png": out_png.name, "task": e.task, "backbone": view.about, "about": e.samples.about, "stage": stage,
+            "stage_module": view.backbone.feature_info.module_name(stage), "guided_vs_gradient": guided_gap}
 
 
-def _picture_ecg(ckpt: Path, record: str, out_dir: Path, method: str = "integrated-gradients") -> dict[str, Any]:
-    from cnnapps.understand.adapters import load_input, load_view
+def _picture_signal(e: Explained, out_dir: Path, method: str = "integrated-gradients") -> dict[str, Any]:
+    """The attribution strip of a biosignal checkpoint's first sample input (20 s), one per predicted class."""
     from cnnapps.understand.cli import explain_one
 
-    view = load_view(ckpt)
-    item = load_input(view, record, max_seconds=20.0)
-    row = explain_one(view, item, method, out_dir)
-    target = out_dir / "ecg_attribution.png"
+    record = e.samples.inputs[0]
+    item = load_input(e.view, record, max_seconds=20.0)
+    row = explain_one(e.view, item, method, out_dir)
+    target = out_dir / f"{e.task}_attribution.png"
     Path(row["png"]).replace(target)
-    Path(row["npz"]).unlink(missing_ok=True)
-    return {"png": target.name, "record": Path(record).name, "method": method, "label": row["label"],
-            "rhythms": row["targets"]}
+    for key in ("npz", "npy"):
+        if key in row:
+            Path(row[key]).unlink(missing_ok=True)
+    return {"png": target.name, "task": e.task, "record": Path(record).name, "about": _caption(e.samples, 0),
+            "method": method, "label": row["label"], "classes": row.get("targets", [row.get("target")]),
+            "channels": row.get("channels", [])}
 
 
-def _picture_filters(trained: dict[str, TrainedBackbone], ckpts: dict[str, Path], out_dir: Path) -> list[dict]:
-    from cnnapps.understand.adapters import load_view
-
+def _picture_filters(trained: dict[str, TrainedBackbone], explained: Sequence[Explained],
+                     out_dir: Path) -> list[dict]:
+    """First-layer filters of the trained probe backbones and of the image and biosignal checkpoints."""
     made = []
     for model in ("resnet18", "vgg16"):
         if model in trained:
@@ -146,14 +180,13 @@ def _picture_filters(trained: dict[str, TrainedBackbone], ckpts: dict[str, Path]
             png = vis.plot_filters(conv.weight, out_dir / f"filters_{model}.png",
                                    f"{MODEL_NAMES[model]} (CIFAR-10 subset), first layer {tuple(conv.weight.shape)}")
             made.append({"png": png.name, "model": MODEL_NAMES[model], "layer": name})
-    for task in ("classify", "ecg"):
-        if task in ckpts:
-            view = load_view(ckpts[task])
-            name, conv = vis.first_conv(view.backbone)
-            png = vis.plot_filters(conv.weight, out_dir / f"filters_{task}.png",
-                                   f"{task} ci checkpoint, first layer {name} {tuple(conv.weight.shape)}",
-                                   fs=view.fs if conv.weight.dim() == 3 else None)
-            made.append({"png": png.name, "model": f"{task} ci checkpoint", "layer": name})
+    for e in explained:
+        if e.view.kind in ("image", "biosignal"):
+            name, conv = vis.first_conv(e.view.backbone)
+            png = vis.plot_filters(conv.weight, out_dir / f"filters_{e.task}.png",
+                                   f"{e.task} ci checkpoint, first layer {name} {tuple(conv.weight.shape)}",
+                                   fs=e.view.fs if conv.weight.dim() == 3 else None)
+            made.append({"png": png.name, "model": f"{e.task} ci checkpoint", "layer": name})
     return made
 
 
@@ -196,7 +229,9 @@ def _picture_position_maps(trained: dict[str, TrainedBackbone], cfg: ProbeConfig
 
 
 def _equivariance(trained: dict[str, TrainedBackbone], cfg: ProbeConfig, root: Path,
-                  ecg_ckpt: Path | None, ecg_record: str | None) -> list[dict[str, Any]]:
+                  signal: Explained | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The translation probe on the trained probe backbones (VOC-mini test images) and on the backbone of a
+    biosignal checkpoint (its first sample input, 20.48 s); returns the probes and what the 1D one ran on."""
     from cnnapps.understand.equivariance import translation_probe
 
     imgs = load_voc_images(root, "test", cfg.image_size, 16)
@@ -208,15 +243,17 @@ def _equivariance(trained: dict[str, TrainedBackbone], cfg: ProbeConfig, root: P
         for padding in paddings:
             label = MODEL_NAMES[model] + (" (trained circular)" if model == "vgg16_nopad" else "")
             probes.append(translation_probe(tb.backbone, x, shifts, padding, label))
-    if ecg_ckpt is not None and ecg_record is not None:
-        from cnnapps.understand.adapters import load_input, load_view
-
-        view = load_view(ecg_ckpt)
-        x = load_input(view, ecg_record, max_seconds=20.48).x  # 4096 samples at 200 Hz
+    used = None
+    if signal is not None:
+        record = signal.samples.inputs[0]
+        x = load_input(signal.view, record, max_seconds=20.48).x  # 4096 samples at 200 Hz
         shifts_1d = [s for s in (1, 4, 16, 64, 256) if s <= x.shape[-1] // 4]
         for padding in ("zeros", "circular"):
-            probes.append(translation_probe(view.backbone, x, shifts_1d, padding, "ECG ci checkpoint (1D)"))
-    return probes
+            probes.append(translation_probe(signal.view.backbone, x, shifts_1d, padding,
+                                            f"{signal.task} ci checkpoint (1D)"))
+        used = {"task": signal.task, "record": Path(record).name, "about": _caption(signal.samples, 0),
+                "seconds": round(x.shape[-1] / (signal.view.fs or 1.0), 2)}
+    return probes, used
 
 
 def _receptive_fields() -> list[dict[str, Any]]:
@@ -234,16 +271,19 @@ def _receptive_fields() -> list[dict[str, Any]]:
     return rows
 
 
-def _timings(ckpts: dict[str, Path], inputs: dict[str, list[str]], out: Path, root: Path) -> list[dict[str, Any]]:
-    """Wall-clock seconds of every explain method and visualize mode on each ci checkpoint, each a fresh
-    ``python -m cnnapps`` process (start-up and imports included), as a user runs them."""
+def _timings(explained: Sequence[Explained], out: Path, root: Path) -> list[dict[str, Any]]:
+    """Wall-clock seconds of every explain method and visualize mode on each checkpoint with sample inputs, each
+    a fresh ``python -m cnnapps`` process (start-up and imports included), as a user runs them."""
     from cnnapps.understand.attribution import METHODS
     from cnnapps.understand.cli import VISUALS
 
     env = dict(os.environ, CNNAPPS_DATA=str(root))
     rows = []
-    for task, ckpt in ckpts.items():
-        jobs = [["explain", "--checkpoint", str(ckpt), *inputs[task][:1], "--method", m, "--out",
+    for e in explained:
+        if not (e.samples and e.samples.inputs):
+            continue
+        task, ckpt = e.task, e.checkpoint
+        jobs = [["explain", "--checkpoint", str(ckpt), e.samples.inputs[0], "--method", m, "--out",
                  str(out / task)] for m in METHODS]
         jobs += [["visualize", "--checkpoint", str(ckpt), "--what", w, "--out", str(out / task)] for w in VISUALS]
         for argv in jobs:
@@ -263,15 +303,16 @@ def _timings(ckpts: dict[str, Path], inputs: dict[str, list[str]], out: Path, ro
 
 
 def write_report(results_dir: str | Path | None = None, data_dir: str | Path | None = None, quick: bool = False,
-                 cache_dir: str | Path | None = None, classify_checkpoint: str | Path | None = None,
-                 ecg_checkpoint: str | Path | None = None, audio_checkpoint: str | Path | None = None,
+                 cache_dir: str | Path | None = None, checkpoints: Sequence[str | Path] = (),
                  timings: bool | None = None) -> Path:
     """Run the probes and draw the pictures; write ``understanding.md`` and ``.json`` into ``results_dir``
     (default: the checkout's results/) and the PNGs into its ``understanding/`` folder. Returns the .md path.
 
-    Trained probe backbones and the tasks' ci checkpoints are kept in ``cache_dir`` (default: the cnnapps cache),
-    so a second run only repeats the read-outs. ``quick``: tiny probe, untrained backbones, smoke checkpoints
-    and no timings (for tests; its numbers are not results)."""
+    Every installed task with explain hooks takes part (``explained_checkpoints``): ``checkpoints`` replace the
+    ci runs of their tasks. The first image checkpoint gives the attribution grid, the first biosignal one the
+    strip and the 1D equivariance probe. Trained probe backbones and the tasks' ci checkpoints are kept in
+    ``cache_dir`` (default: the cnnapps cache), so a second run only repeats the read-outs. ``quick``: tiny
+    probe, untrained backbones, smoke checkpoints and no timings (for tests; its numbers are not results)."""
     t0 = time.perf_counter()
     root = find_data_root(data_dir)
     results = default_results_dir(results_dir)
@@ -295,33 +336,41 @@ def write_report(results_dir: str | Path | None = None, data_dir: str | Path | N
     position = run_position_probe(cfg, root, cache, models=MODELS, ablations=not quick)
     trained = {m: train_backbone(m, cfg, root, cache) for m in MODELS if m != "posenet"}
     phase("position probe")
-    ckpts: dict[str, Path] = {}
-    for task, given in (("classify", classify_checkpoint), ("ecg", ecg_checkpoint), ("audio", audio_checkpoint)):
-        ckpts[task] = Path(given) if given else ci_checkpoint(task, root, cache, quick)
-    inputs = _example_inputs(root, cache / "inputs")
+    explained = explained_checkpoints(root, cache, quick, checkpoints)
     phase("checkpoints")
-    probes = _equivariance(trained, cfg, root, ckpts.get("ecg"), inputs["ecg"][0])
+    image, signal = _first(explained, "image"), _first(explained, "biosignal")
+    probes, probe_1d = _equivariance(trained, cfg, root, signal)
     phase("equivariance")
     pictures: dict[str, Any] = {
-        "attribution": _picture_attribution_grid(ckpts["classify"], inputs["classify"][:3],
-                                                 pics / "gradcam_and_attributions.png"),
-        "ecg": _picture_ecg(ckpts["ecg"], inputs["ecg"][0], pics),
-        "filters": _picture_filters(trained, ckpts, pics),
+        "attribution": _picture_attribution_grid(image, pics / "gradcam_and_attributions.png") if image else None,
+        "signal": _picture_signal(signal, pics) if signal else None,
+        "filters": _picture_filters(trained, explained, pics),
         "position_maps": _picture_position_maps(trained, cfg, root, pics / "position_maps.png"),
     }
     phase("pictures")
     rf = _receptive_fields()
     phase("receptive fields")
-    timing_rows = _timings(ckpts, inputs, cache / "timings", root) if timings else []
+    timing_rows = _timings(explained, cache / "timings", root) if timings else []
     phase("timings")
     record = {"title": "Understanding CNNs (issue #8)", **facts, "load_at_end": load_average(), "quick": quick,
               "seconds": round(time.perf_counter() - t0, 1), "phase_seconds": phases, "position": position.to_dict(),
-              "equivariance": [p.to_dict() for p in probes], "receptive_fields": rf, "pictures": pictures,
-              "checkpoints": {k: str(v) for k, v in ckpts.items()}, "inputs": inputs, "timings": timing_rows}
+              "equivariance": [p.to_dict() for p in probes], "equivariance_1d": probe_1d,
+              "receptive_fields": rf, "pictures": pictures,
+              "checkpoints": {e.task: str(e.checkpoint) for e in explained},
+              "kinds": {e.task: e.view.kind for e in explained},
+              "inputs": {e.task: list(e.samples.inputs) if e.samples else [] for e in explained},
+              "timings": timing_rows}
     md = results / "understanding.md"
     md.write_text(render_markdown(record, position, probes))
     md.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return md
+
+
+def _probe_1d_source(used: dict[str, Any] | None) -> str:
+    if not used:
+        return ""
+    return (f" and {used['seconds']:.1f} s of record {used['record']} ({used['about']}) for the 1D net of the "
+            f"{used['task']} ci checkpoint")
 
 
 def render_markdown(record: dict[str, Any], position: Any, probes: list[Any]) -> str:
@@ -379,8 +428,8 @@ def render_markdown(record: dict[str, Any], position: Any, probes: list[Any]) ->
               "stride r divides s, the table gives |F(shift x) - shift(F x, s/r)| / |F x| (0: exactly "
               "equivariant; `-`: s is not a multiple of the stage's stride, so no integer shift of the map "
               "corresponds), then the relative change of the globally pooled last stage (invariance). Same "
-              "weights with zero padding and with circular padding; 16 VOC-mini test images (64x64) and 20 s of a "
-              "CinC record for the 1D net.", "", format_probe(probes), "",
+              "weights with zero padding and with circular padding; 16 VOC-mini test images (64x64)"
+              + _probe_1d_source(record.get("equivariance_1d")) + ".", "", format_probe(probes), "",
               "Zero padding alone breaks equivariance at every stage, more in deeper stages whose fields reach the "
               "border; circular padding makes every stage exactly equivariant to shifts by multiples of its "
               "stride. The pooled output is exactly invariant only to shifts by the total stride; smaller shifts "
@@ -396,16 +445,28 @@ def render_markdown(record: dict[str, Any], position: Any, probes: list[Any]) ->
                      f"{'all' if r['rf'] is None else r['rf']} | {'-' if r['stride'] is None else r['stride']} | "
                      f"{r['published']} |")
     p = record["pictures"]
-    lines += ["", "## Pictures", "",
-              f"Grad-CAM (stage {p['attribution']['stage']}, `{p['attribution']['stage_module']}`) and the other "
-              "attribution methods on MNIST test digits, classify ci checkpoint (LeNet-5):", "",
-              f"![attributions](understanding/{p['attribution']['png']})", "",
-              "LeNet-5 squashes with tanh, not ReLU, so guided backpropagation equals the plain gradient here; it "
-              "differs on ReLU networks (the audio ResNet-18, the ECG net).", "",
-              f"ECG record {p['ecg']['record']} (CinC 2017, label A): {p['ecg']['method']} for each rhythm the ECG ci "
-              f"checkpoint predicts somewhere ({', '.join(p['ecg']['rhythms'])}); record-level prediction "
-              f"{p['ecg']['label']}:", "", f"![ECG attribution](understanding/{p['ecg']['png']})", "",
-              "Trained first-layer filters:", ""]
+    lines += ["", "## Pictures", ""]
+    grid = p.get("attribution")
+    if grid:
+        same = grid["guided_vs_gradient"] < 1e-6
+        lines += [f"Grad-CAM (stage {grid['stage']}, `{grid['stage_module']}`) and the other attribution methods on "
+                  f"{grid['about']}, {grid['task']} ci checkpoint (`{grid['backbone']}`):", "",
+                  f"![attributions](understanding/{grid['png']})", "",
+                  (f"Guided backpropagation equals the plain gradient here (largest difference "
+                   f"{grid['guided_vs_gradient']:.1e} of the gradient's peak): `{grid['backbone']}` calls no ReLU, "
+                   "and guided backpropagation changes only the backward pass of ReLUs; it differs on ReLU "
+                   "networks." if same else
+                   f"Guided backpropagation differs from the plain gradient here (by up to "
+                   f"{grid['guided_vs_gradient']:.2f} of the gradient's peak): `{grid['backbone']}` uses ReLUs, "
+                   "whose backward pass it clamps to positive signals."), ""]
+    sig = p.get("signal")
+    if sig:
+        leads = f", leads {', '.join(sig['channels'])}" if sig.get("channels") else ""
+        lines += [f"Record {sig['record']} ({sig['about']}{leads}): {sig['method']} for each class the "
+                  f"{sig['task']} ci checkpoint predicts somewhere ({', '.join(map(str, sig['classes']))}); "
+                  f"record-level prediction {sig['label']}:", "",
+                  f"![{sig['task']} attribution](understanding/{sig['png']})", ""]
+    lines += ["Trained first-layer filters:", ""]
     for f in p["filters"]:
         lines += [f"{f['model']} (`{f['layer']}`):", "", f"![filters](understanding/{f['png']})", ""]
     if record["timings"]:
@@ -418,6 +479,7 @@ def render_markdown(record: dict[str, Any], position: Any, probes: list[Any]) ->
                          f"{'yes' if t['ok'] else 'NO'} | {t['load']} |")
         lines.append("")
     lines += ["Checkpoints: " + ", ".join(f"{k} `{Path(v).parent.parent.name}`" for k, v in
-                                          record["checkpoints"].items()) + " (each task's `ci` config).",
+                                          record["checkpoints"].items())
+              + " (run folders; `ci-TASK` is the task's `ci` config, trained for this report).",
               ""]
     return "\n".join(lines)

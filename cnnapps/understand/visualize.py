@@ -281,12 +281,12 @@ def top_k_patches(model: nn.Module, backbone: nn.Module, examples: Iterable[tupl
 
 
 def plot_patches(patches: Sequence[Patch], out_png: Path, title: str = "", fs: float | None = None) -> Path:
-    """Grid of top-k patches: image crops, spectrogram crops, or signal snippets, each titled with its
-    activation and example index."""
+    """Grid of top-k patches: image crops, spectrogram crops, or signal snippets ((T,) or (T, C) displays; ``fs``
+    given for signals), each titled with its activation and example index."""
     n = max(1, len(patches))
     cols = min(8, n)
     rows = math.ceil(n / cols)
-    one_d = bool(patches) and patches[0].display.ndim == 1
+    one_d = bool(patches) and (patches[0].display.ndim == 1 or fs is not None)  # fs: signals, (T,) or (T, C)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols if not one_d else 2.4 * cols, 1.7 * rows + 0.5),
                              squeeze=False)
     for ax in axes.flat:
@@ -297,7 +297,9 @@ def plot_patches(patches: Sequence[Patch], out_png: Path, title: str = "", fs: f
         ax.set_yticks([])
         if one_d:
             t = (np.arange(len(p.display)) + p.box[0][0]) / (fs or 1.0)
-            ax.plot(t, p.display, color="black", lw=0.7)
+            traces = p.display if p.display.ndim == 1 else p.display - 1.1 * np.ptp(p.display) * np.arange(
+                p.display.shape[1])[None, :]  # several channels, stacked
+            ax.plot(t, traces, color="black", lw=0.7)
         elif p.display.ndim == 3:
             ax.imshow(np.clip(p.display, 0, 1), interpolation="nearest")
         else:

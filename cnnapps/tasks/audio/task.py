@@ -19,6 +19,7 @@ from cnnapps.engine.config import ConfigError, TrainConfig, check_backbone, from
 from cnnapps.tasks.audio.data import (AudioReadError, ClipDataset, SplitLists, build_clip_datasets, fix_length,
                                       iter_audio_blocks, limit_per_class, list_any, list_class_folders, list_fsdd,
                                       split_fsdd_speaker, split_fsdd_usual, split_stratified)
+from cnnapps.tasks.audio.explain import AudioExplain
 from cnnapps.tasks.audio.features import AudioFrontEnd, fit_normalisation
 from cnnapps.tasks.audio.metrics import AudioMetrics
 from cnnapps.tasks.audio.timeline import (GateSettings, level_track, no_speech_reason, predict_timeline,
@@ -289,7 +290,7 @@ def _fit_stats(frontend: AudioFrontEnd, train: ClipDataset, batch: int = 256) ->
 # ---------------------------------------------------------------- the task
 
 
-class AudioTask(Task):
+class AudioTask(AudioExplain, Task):  # explain hooks: tasks/audio/explain.py
     """Sound classification on log-mel/MFCC images with 2D CNNs or on raw waveforms with 1D CNNs.
 
     Batches are ``{"wave": (batch, samples) float32, "y": (batch,) int64, "index": (batch,), "file": [str]}``."""

@@ -17,6 +17,7 @@ from cnnapps.engine.config import ConfigError, TrainConfig
 from cnnapps.engine.plots import plot_confusion
 from cnnapps.metrics.classification import ClassificationMetrics
 from cnnapps.engine.task import DataSplits, Task, TaskConfig
+from cnnapps.tasks.classify.explain import ClassifyExplain
 from cnnapps.tasks.classify.data import (ArraySplit, ImageArrayDataset, RawData, _read_image_file, fit_to_size, load_cifar10,
                                          load_digits_sklearn, load_folder, load_mnist, to_float_chw)
 
@@ -85,7 +86,7 @@ def _augmentation(d: ClassifyData) -> ImageAugment | None:
     return aug if d.augment and aug.active else None
 
 
-class ClassifyTask(Task):
+class ClassifyTask(ClassifyExplain, Task):  # explain hooks: tasks/classify/explain.py
     name = "classify"
     Config = ClassifyConfig
     engine_bench_config = "ci"  # MNIST LeNet-5: a small, fast step, where a loop's overhead shows most

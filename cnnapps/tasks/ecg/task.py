@@ -22,6 +22,7 @@ from cnnapps.tasks.ecg.data import (DEFAULT_RHYTHM_CLASSES, IGNORE, Augment, Eva
                                     duplicate_records,
                                     merge_segments, n_valid_steps, record_labels_for_cinc, records_by_name,
                                     rhythm_class_lookup, step_class_counts, stratified_split, tile_sample_weights)
+from cnnapps.tasks.ecg.explain import ECGExplain
 from cnnapps.tasks.ecg.leads import ALL, parse_leads, same_lead
 from cnnapps.tasks.ecg.metrics import ECGMetrics
 from cnnapps.tasks.ecg.prepare import (CINC_CLASSES, MITDB_DS1, MITDB_DS2, STEP, PrepParams,
@@ -275,7 +276,7 @@ def _cache_for(s: dict, data_root: Path, split: str | None) -> PreparedCache:
     return prepare_source(dataset_source(data_root, s["dataset"]), _params(s))
 
 
-class ECGTask(Task):
+class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
     """ECG rhythm labelling, one label per 256 samples (Hannun et al. 2019), on CinC 2017 or MIT-BIH."""
 
     name = "ecg"
@@ -284,6 +285,10 @@ class ECGTask(Task):
     gpu_check_runs = (("hannun", ("train.epochs=1",)),)  # one epoch of the full 34-layer network
     monitor = "challenge_f1"  # CinC; the MIT-BIH configs set train.monitor = "seq_f1"
     monitor_mode = "max"
+
+    def explain_prep(self, state: dict) -> tuple[PrepParams, list[str]]:
+        """For the explain hooks: the checkpoint's preprocessing and the leads its model reads."""
+        return _params(state), _model_leads(state)
 
     # ---- data
     def build_data(self, cfg: ECGConfig, data_root: Path, state: dict | None = None,
