@@ -2,6 +2,7 @@
 library code never imports the package face ``cnnapps``, and the engine never imports a task."""
 from __future__ import annotations
 
+import pytest
 import ast
 from pathlib import Path
 
@@ -99,4 +100,14 @@ def test_the_engine_knows_no_task():
     graph = import_graph()
     engine = {name: deps for name, deps in graph.items() if name.startswith("cnnapps.engine")}
     leaks = {name: sorted(d for d in deps if d.startswith("cnnapps.tasks")) for name, deps in engine.items()}
+    assert {k: v for k, v in leaks.items() if v} == {}
+
+
+@pytest.mark.parametrize("room", ["cnnapps.bench", "cnnapps.understand"])
+def test_bench_and_understand_reach_tasks_only_through_the_registry(room):
+    """Task-specific measurements and explanations come through Task hooks, so a third-party task is benchmarked
+    and explained the same way: these packages import the registry (cnnapps.tasks), never a task's module."""
+    graph = import_graph()
+    leaks = {name: sorted(d for d in deps if d.startswith("cnnapps.tasks."))
+             for name, deps in graph.items() if name.startswith(room)}
     assert {k: v for k, v in leaks.items() if v} == {}

@@ -23,20 +23,18 @@ RUNTIMES = ("eager", "compile", "onnxruntime")
 
 def deployment_models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """(label, model in eval mode, one input's shape): ResNet-18 (ImageNet size, 1000 classes), LeNet-5 (32x32
-    digits) and the ECG task's default model (its config's backbone and head, 4 CinC classes) on the default
-    training crop."""
+    digits), then each registered task's own model where its ``Task.deployment_example`` gives one."""
     from cnnapps.backbones import create_backbone
-    from cnnapps.engine.task import DataSplits
-    from cnnapps.tasks.ecg.task import ECGConfig, ECGTask
+    from cnnapps.tasks import get_task, list_tasks
 
     torch.manual_seed(0)
-    cfg = ECGConfig()
-    ecg = ECGTask().build_model(cfg, DataSplits(None, None, None, state={"classes": ["N", "A", "O", "~"],
-                                                                        "step": 256, "in_chans": 1}))
-    return [("resnet18", create_backbone("resnet18").eval(), (3, 224, 224)),
-            ("lenet5", create_backbone("lenet5").eval(), (1, 32, 32)),
-            (f"ecg default ({cfg.model.backbone}, width {cfg.model.width}, {cfg.model.num_blocks} blocks)", ecg.eval(),
-             (1, cfg.data.window))]
+    models = [("resnet18", create_backbone("resnet18").eval(), (3, 224, 224)),
+              ("lenet5", create_backbone("lenet5").eval(), (1, 32, 32))]
+    for name in list_tasks():
+        example = get_task(name).deployment_example()
+        if example is not None:
+            models.append(example)
+    return models
 
 
 def _runners(model: nn.Module, shape: tuple[int, ...], workdir: Path, threads: int) -> dict[str, Any]:

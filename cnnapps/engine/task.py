@@ -166,6 +166,12 @@ class Task:
         prepare = getattr(model, "prepare", None)
         return prepare(batch) if callable(prepare) else batch.float()
 
+    def deployment_example(self) -> tuple[str, nn.Module, tuple[int, ...]] | None:
+        """For ``bench --deploy``: (label, the task's model as its default config builds it, in eval mode, one
+        input's shape without the batch) to time in eager, torch.compile and ONNX Runtime; None (the default):
+        the task's nets are the zoo backbones the benchmark already times."""
+        return None
+
     def deployment_info(self, cfg: TaskConfig, state: dict[str, Any]) -> dict[str, Any]:
         """Task-specific facts for the preprocessing JSON that ``cnnapps export`` writes beside a model, beyond
         the generic ones it reads from the data state (classes, mean/std, image size, sampling rate): e.g. what

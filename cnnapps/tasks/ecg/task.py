@@ -537,6 +537,15 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
         return {"windows_per_s_cache": windows_per_second_cache(cache, s["window"]),
                 "windows_per_s_wfdb": windows_per_second_wfdb(cache, s["window"])}
 
+    def deployment_example(self) -> tuple[str, nn.Module, tuple[int, ...]]:
+        """The default config's model (its backbone and per-step head, the four CinC classes) on one training
+        crop, for ``bench --deploy``."""
+        cfg = ECGConfig()
+        model = self.build_model(cfg, DataSplits(None, None, None, state={"classes": ["N", "A", "O", "~"],
+                                                                          "step": STEP, "in_chans": 1}))
+        return (f"ecg default ({cfg.model.backbone}, width {cfg.model.width}, {cfg.model.num_blocks} blocks)",
+                model.eval(), (1, cfg.data.window))
+
     def speed_measurements(self, data_root: Path | None) -> dict[str, Any]:
         """The default config's training windows/s from the prepared cache against per-window WFDB reads (needs
         the data; nothing without it)."""
