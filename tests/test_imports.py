@@ -2,9 +2,10 @@
 library code never imports the package face ``cnnapps``, and the engine never imports a task."""
 from __future__ import annotations
 
-import pytest
 import ast
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
