@@ -539,7 +539,7 @@ def build_beat_data(d: Any, s: dict, cache: PreparedCache, ids: tuple[np.ndarray
         s["train_beat_counts"] = counts.tolist()
         s["class_weights"] = class_weights(counts, d.class_weighting, d.class_weight_max).tolist()
         log.info("ECG beats: training beats per class %s; loss weights %s", dict(zip(SCORED, counts.tolist())),
-                 dict(zip(SCORED, np.round(s["class_weights"], 3).tolist())))
+                 {c: round(float(w), 3) for c, w in zip(SCORED, s["class_weights"])})
     mean, std = np.asarray(s["rr_mean"]), np.asarray(s["rr_std"])
     cutter = state_cutter(s)
 

@@ -779,8 +779,8 @@ def _build(source: Source, params: PrepParams, annotations: bool, tmp: Path, key
         if r["label"] is not None:
             counts[r["label"]] = counts.get(r["label"], 0) + 1
     seconds = time.perf_counter() - t0
-    log.info("prepared %s: %d records kept, %d skipped %s, in %.1f s", source.dataset, len(writer.records),
-             sum(map(len, skipped.values())), {k: len(v) for k, v in skipped.items()}, seconds)
+    log.info("prepared %s: %d records kept, %d skipped%s, in %.1f s", source.dataset, len(writer.records),
+             sum(map(len, skipped.values())), _reasons({k: len(v) for k, v in skipped.items()}), seconds)
     return {
         "version": PREP_VERSION, "key": key, "dataset": source.dataset, "source": source.fingerprint,
         "record_dir": str(source.record_dir), "reference": str(source.reference) if source.reference else None,
@@ -795,3 +795,8 @@ def _build(source: Source, params: PrepParams, annotations: bool, tmp: Path, key
 def prepare(data_root: Path, dataset: str, params: PrepParams, force: bool = False) -> PreparedCache:
     """Prepare (or reuse) ``dataset`` ("cinc2017" | "mitdb") found under ``data_root``."""
     return prepare_source(dataset_source(Path(data_root), dataset), params, force=force)
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    """`` (reason n, ...)`` for a log line, or nothing when there are no skips."""
+    return " (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")" if counts else ""

@@ -312,9 +312,10 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
             return DataSplits(train=None, val=None, test=test, state=s, collate_fn=collate_windows,
                               skipped=cache.skip_counts())
         train_ids, val_ids, test_ids = self._split(s, d, cache)
-        log.info("ECG %s/%s: %d train, %d val, %d test records (%d skipped at preparation: %s)", s["dataset"],
-                 s["target"], len(train_ids), len(val_ids), len(test_ids), sum(cache.skip_counts().values()),
-                 cache.skip_counts())
+        skips = cache.skip_counts()
+        log.info("ECG %s/%s: %d train, %d val, %d test records (%d skipped at preparation%s)", s["dataset"],
+                 s["target"], len(train_ids), len(val_ids), len(test_ids), sum(skips.values()),
+                 ": " + ", ".join(f"{k} {v}" for k, v in skips.items()) if skips else "")
         augment = Augment(int(s["fs"]), d.aug_scale, d.aug_wander, d.aug_noise, d.aug_flip) if d.augment else None
         train = TrainWindows(cache, train_ids, labeler, window, step, time_shift=d.time_shift, augment=augment)
         val = EvalWindows(cache, val_ids, labeler, eval_window, step) if len(val_ids) else None
@@ -327,7 +328,7 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
             weights = class_weights(counts, d.class_weighting, d.class_weight_max)
             s["train_step_counts"] = counts.tolist()
             log.info("ECG training steps per class %s; loss weights %s", dict(zip(classes, counts.tolist())),
-                     dict(zip(classes, np.round(weights, 3).tolist())))
+                     {c: round(float(w), 3) for c, w in zip(classes, weights)})
         s["class_weights"] = weights.tolist()
         sample_weights = None
         if d.weighted_sampler and len(train):
