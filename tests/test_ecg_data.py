@@ -305,7 +305,7 @@ def test_predict_on_a_360hz_record_and_by_lead_name(data_root, tmp_path):
                for a, b in zip(segs, segs[1:]))
     assert r114["lead"] == "MLII"  # MLII is the second signal of record 114
     assert r102["lead"] == "V5"  # no MLII: the first signal
-    assert Path(r100["plot"]).is_file() and Path(r100["plot"]).stat().st_size > 10000
+    assert Path(r100["picture"]).is_file() and Path(r100["picture"]).stat().st_size > 10000
     (named,) = task.predict(model, [str(folder / "100")], state, cfg, torch.device("cpu"), lead="V5")
     assert named["lead"] == "V5" and named["probabilities"] != r100["probabilities"]
     (missing,) = task.predict(model, [str(folder / "100")], state, cfg, torch.device("cpu"), lead="V1")
