@@ -106,21 +106,31 @@ def test_damaged_records_are_counted_skips_in_a_nested_folder(sample, tmp_path):
     (ptb / "HR06003.hea").write_text("\n".join(ln for ln in hea.splitlines() if "Dx" not in ln) + "\n")
     hea = (ptb / "HR06004.hea").read_text()
     (ptb / "HR06004.hea").write_text(hea.replace("# Dx: 426783006", "# Dx: 426783006,sinus"))
+    # WFDB's invalid-sample value (-32768 in format 16) reads as NaN: a 0.6 s run in lead I skips the record,
+    # a 0.1 s run is interpolated; samples are frame-interleaved after the 24-byte MAT v4 header ("16x1+24")
+    _copy(sample, root / "cpsc", ["JS20005", "JS20006"])
+    for name, run in (("JS20005", 300), ("JS20006", 50)):
+        raw = bytearray((root / "cpsc" / f"{name}.mat").read_bytes())
+        for t in range(1000, 1000 + run):
+            raw[24 + 2 * t * 12: 24 + 2 * t * 12 + 2] = (-32768).to_bytes(2, "little", signed=True)
+        (root / "cpsc" / f"{name}.mat").write_bytes(bytes(raw))
     cache = prepare_source(cinc2021_source(root), PrepParams(leads=("all",)))
-    assert cache.names == ["georgia/g1/E07500", "georgia/g1/E07505", "georgia/g1/E07509"]
+    assert cache.names == ["cpsc/JS20006", "georgia/g1/E07500", "georgia/g1/E07505", "georgia/g1/E07509"]
+    assert cache.records[0].nan_filled == 50
     assert cache.skipped == {"missing_signal_file": ["ptb-xl/g1/HR06000"], "truncated_signal": ["ptb-xl/g1/HR06001"],
                              "header_length_mismatch": ["ptb-xl/g1/HR06002"], "no_label": ["ptb-xl/g1/HR06003"],
-                             "bad_dx": ["ptb-xl/g1/HR06004"], "flat_line": ["cpsc/JS20004"]}
+                             "bad_dx": ["ptb-xl/g1/HR06004"], "flat_line": ["cpsc/JS20004"],
+                             "nan_samples": ["cpsc/JS20005"]}
     assert "'sinus'" in cache.index["skip_messages"]["ptb-xl/g1/HR06004"]
     assert cache.n_leads == 12 and cache.signals(0).shape == (2000, 12)
     targets = dx_targets(cache, SCORED_2021)
-    assert targets.sum(1).tolist() == [1, 0, 2]  # SB; nothing scored; RBBB + SB
+    assert targets.sum(1).tolist() == [4, 1, 0, 2]  # PAC STach TAb PVC; SB; nothing scored; RBBB + SB
     # a record without a scored class: kept all-negative by default, else a counted skip before the split
     task = ECGTask()
     kept = task.build_data(_cfg(root, "data.fractions=[1.0, 0.0, 0.0]"), tmp_path, split=None)
-    assert len(kept.train.records) == 3 and kept.state["unscored_records"] == 1
+    assert len(kept.train.records) == 4 and kept.state["unscored_records"] == 1
     left = task.build_data(_cfg(root, "data.fractions=[1.0, 0.0, 0.0]", "data.unscored=skip"), tmp_path)
-    assert len(left.train.records) == 2 and left.skipped["no_scored_label"] == 1
+    assert len(left.train.records) == 3 and left.skipped["no_scored_label"] == 1
 
 
 def _cfg(path: Path, *extra: str):
@@ -140,6 +150,7 @@ def test_train_evaluate_predict_on_the_12_lead_sample(sample, data_root, tmp_pat
     buffer = next(v for k, v in saved["model"].items() if k.endswith("thresholds"))
     assert np.allclose(buffer.numpy(), list(thresholds.values()), atol=1e-4)
     assert not np.allclose(buffer.numpy(), 0.5)  # calibrated on validation, not the initial 0.5
+    assert np.allclose(saved["data_state"]["thresholds"], buffer.numpy())  # for an exported model's JSON
     summary = json.loads((run / "data_summary.json").read_text())
     assert summary["records"] == {"train": 38, "val": 5, "test": 5} and summary["skipped"] == {"flat_line": 2}
     assert summary["leads_read"]["leads"] == ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5",
@@ -187,3 +198,76 @@ def test_predict_rows_keep_the_schema_for_a_damaged_record(sample, tmp_path):
     assert rows[0]["error"].startswith("missing_signal_file") and "HR06000" in rows[0]["error"]
     assert rows[1]["input"] == str(root / "E07500.hea") and "codes" in rows[1]
     assert answers.read_text().splitlines()[0].split(",")[0] == "E07500" and len(answers.read_text().splitlines()) == 1
+
+
+def _data_prep_ecg():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("data_prep_ecg", REPO / "data_prep" / "ecg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cinc2021_download_from_a_file_url_mirror_follows_nested_records_and_checks_sums(sample, tmp_path):
+    import hashlib
+
+    from cnnapps.tasks.ecg.prepare import ECGDataError, dataset_source
+
+    dp = _data_prep_ecg()
+    project = tmp_path / "mirror" / "challenge-2021" / "1.0.3"
+    layout = {"training/georgia/g1": ["E07500", "E07509"], "training/ptb-xl/g1": ["HR06002"]}
+    sums = []
+    for sub, names in layout.items():
+        _copy(sample, project / sub, names)
+        (project / sub / "RECORDS").write_text("".join(f"{n}\n" for n in names))
+        sums += [f"{hashlib.sha256((project / sub / f'{n}.{e}').read_bytes()).hexdigest()} {sub}/{n}.{e}"
+                 for n in names for e in ("hea", "mat")]
+    (project / "RECORDS").write_text("training/\n")  # PhysioNet lists subfolders with a trailing slash
+    (project / "training" / "RECORDS").write_text("georgia/\nptb-xl/g1/HR06002\n")  # or record paths
+    (project / "training" / "georgia" / "RECORDS").write_text("g1/\n")
+    (project / "SHA256SUMS.txt").write_text("\n".join(sums) + "\n")
+    dest = tmp_path / "data"
+    assert dp.download_physionet("cinc2021", dest, (tmp_path / "mirror").as_uri()) == dest / "cinc2021"
+    cache = prepare_source(dataset_source(dest, "cinc2021"), PrepParams(leads=("all",)))
+    assert cache.names == ["training/georgia/g1/E07500", "training/georgia/g1/E07509", "training/ptb-xl/g1/HR06002"]
+    assert cache.n_leads == 12 and cache.index["label_counts"]["426177001"] == 3  # SB in all three
+
+    (project / "training" / "georgia" / "g1" / "E07509.mat").write_bytes(b"tampered")
+    with pytest.raises(ECGDataError, match="SHA-256"):
+        dp.download_physionet("cinc2021", tmp_path / "data2", str(tmp_path / "mirror"))
+    assert not (tmp_path / "data2" / "cinc2021" / "training" / "georgia" / "g1" / "E07509.mat").exists()
+    (project / "training" / "RECORDS").write_text("../../secrets\n")
+    with pytest.raises(ECGDataError, match="refusing"):
+        dp.download_physionet("cinc2021", tmp_path / "data3", str(tmp_path / "mirror"))
+
+
+def test_cinc2021_archives_unpack_and_are_checked(sample, tmp_path):
+    import io
+    import tarfile
+
+    from cnnapps.tasks.ecg.prepare import ECGDataError, dataset_source
+
+    dp = _data_prep_ecg()
+    archive = tmp_path / "WFDB_Ga.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for n in ("E07500", "E07509"):
+            for e in ("hea", "mat"):
+                tar.add(sample / f"{n}.{e}", f"WFDB_Ga/{n}.{e}")
+        tar.add(sample / "E07512.hea", "WFDB_Ga/E07512.hea")  # its .mat is not in the archive
+    dest = tmp_path / "data"
+    assert dp.extract_cinc2021_archives([archive], dest) == {"WFDB_Ga.tar.gz": {"records": 3, "without_signal": 1}}
+    cache = prepare_source(dataset_source(dest, "cinc2021"), PrepParams(leads=("all",)))
+    assert len(cache) == 2 and cache.skipped == {"missing_signal_file": ["WFDB_Ga/WFDB_Ga/E07512"]}
+    bad = tmp_path / "WFDB_Bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        info = tarfile.TarInfo("../escape.hea")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(ECGDataError, match="unsafe"):
+        dp.extract_cinc2021_archives([bad], dest)
+    assert not (dest / "cinc2021" / "WFDB_Bad").exists() and not (dest / "escape.hea").exists()
+    with pytest.raises(ECGDataError, match="not found"):
+        dp.extract_cinc2021_archives([tmp_path / "nope.tar.gz"], dest)

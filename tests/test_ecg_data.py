@@ -295,8 +295,16 @@ def test_predict_on_a_360hz_record_and_by_lead_name(data_root, tmp_path):
     model, cfg, state = _tiny_model(["data.dataset=mitdb", "data.target=rhythm", "data.lead=MLII"])
     task = ECGTask()
     rows = list(task.predict(model, [str(folder / "100"), str(folder / "114.hea"), str(folder / "102")], state,
-                             cfg, torch.device("cpu"), plot=True, out_dir=tmp_path))
+                             cfg, torch.device("cpu"), plot=True, out_dir=tmp_path, steps=True,
+                             answers=tmp_path / "answers.txt"))
     r100, r114, r102 = rows
+    assert r114["input"] == str(folder / "114.hea")
+    # one CinC-style line per record, the record's label; per-step probabilities on request
+    assert (tmp_path / "answers.txt").read_text().splitlines() == [f"{n},{r['label']}" for n, r in
+                                                                    zip(("100", "114", "102"), rows)]
+    assert (len(r100["steps"]) - 1) * 1.28 < r100["duration_s"] <= len(r100["steps"]) * 1.28  # steps cover it
+    assert r100["step_s"] == 256 / 200 and len(r100["steps"][0]) == len(state["classes"])
+    assert np.argmax(np.mean(r100["steps"], 0)) == state["classes"].index(r100["label"])
     assert r100["fs"] == 360 and r100["lead"] == "MLII" and r100["duration_s"] == pytest.approx(650000 / 360)
     assert r100["label"] in state["classes"] and sum(r100["probabilities"].values()) == pytest.approx(1, abs=1e-3)
     segs = r100["segments"]

@@ -211,13 +211,15 @@ class DxMetrics(MultiLabelMetrics):
 class CalibrateDxThresholds(Callback):
     """After each validation pass the per-class thresholds that maximise F1 on the validation records become the
     model's ``thresholds`` (as the multilabel task's callback of the same role), so each epoch's checkpoint
-    carries thresholds chosen with its own weights."""
+    carries thresholds chosen with its own weights. They go into the data state too (``thresholds``), which an
+    exported model's JSON keeps, so ``predict --onnx`` applies them without the buffer."""
 
     def on_validation_end(self, trainer: Any, row: dict[str, Any]) -> None:
         calibrated = getattr(trainer.metric, "calibrated", None)
         net = unwrap(trainer.model)
         if trainer.is_rank0 and calibrated is not None and hasattr(net, "thresholds"):
             net.thresholds.copy_(torch.as_tensor(calibrated, dtype=net.thresholds.dtype))
+            trainer.data.state["thresholds"] = [float(t) for t in calibrated]
 
 
 def dx_answer(classes: Sequence[ScoredClass], probs: np.ndarray, thresholds: np.ndarray) -> list[str]:

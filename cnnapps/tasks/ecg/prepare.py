@@ -475,7 +475,9 @@ def list_records(folder: Path, recursive: bool = False) -> list[str]:
     ``recursive``: every ``*.hea`` below ``folder``, named by its path relative to it without the suffix
     (``georgia/g1/E00001``), as the Challenge 2020/2021 sets are laid out."""
     if recursive:
-        return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.hea"))
+        # hidden folders are unfinished unpacking or tools' state, not records
+        return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.hea")
+                      if not any(part.startswith(".") for part in p.relative_to(folder).parts))
     records_file = folder / "RECORDS"
     if records_file.is_file():
         names = [ln.strip() for ln in records_file.read_text().splitlines() if ln.strip()]

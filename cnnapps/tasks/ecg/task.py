@@ -732,7 +732,13 @@ def _dx_row(model: nn.Module, logits: np.ndarray, state: dict, path: str, facts:
     net = unwrap(model)
     record_logit = pool_steps(torch.from_numpy(logits).T[None], None, how=str(state.get("pool", "mean")))[0]
     probs = torch.sigmoid(record_logit).numpy().astype(float)
-    thresholds = net.thresholds.detach().cpu().numpy().astype(float)
+    if isinstance(getattr(net, "thresholds", None), torch.Tensor):
+        thresholds = net.thresholds.detach().cpu().numpy().astype(float)
+    elif state.get("thresholds") is not None:  # an exported model: the thresholds its JSON saved
+        thresholds = np.asarray(state["thresholds"], dtype=float)
+    else:
+        log.warning("the model carries no calibrated thresholds; classes are called at p >= 0.5")
+        thresholds = np.full(len(state["classes"]), 0.5)
     classes = list(state["classes"])
     order = np.argsort(-probs)
     return {"input": path, **facts,
