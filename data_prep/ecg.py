@@ -1,13 +1,20 @@
-"""Prepare the ECG caches (CinC 2017, MIT-BIH) from the data folder, or first download them from PhysioNet.
+"""Prepare the ECG caches (CinC 2017, MIT-BIH, CinC 2020/2021 12-lead) from the data folder, or first download
+them from PhysioNet.
 
 Usage:
-    python data_prep/ecg.py [--data-dir DIR] [--dataset cinc2017|mitdb|all] [--fs 200] [--lead NAME | --leads A,B]
-                            [--force]
+    python data_prep/ecg.py [--data-dir DIR] [--dataset cinc2017|mitdb|cinc2021|all] [--fs 200]
+                            [--lead NAME | --leads A,B] [--force]
     python data_prep/ecg.py --download DEST [--mirror URL_OR_DIR] [--dataset ...]   # for machines with a network
+    python data_prep/ecg.py --dataset cinc2021 --archives WFDB_Ga.tar.gz ... --download DEST  # archives at hand
 
 Local first: data already under the data folder (the archives of ../shared/data, or unpacked PhysioNet
 folders) is never downloaded again. Downloads land in PhysioNet's layout, which the task reads directly:
-``DEST/mitdb/*.hea|dat|atr`` and ``DEST/cinc2017/training2017/*`` plus ``DEST/cinc2017/REFERENCE.csv``.
+``DEST/mitdb/*.hea|dat|atr``, ``DEST/cinc2017/training2017/*`` plus ``DEST/cinc2017/REFERENCE.csv``, and
+``DEST/cinc2021/training/<source>/<group>/*.hea|mat`` (the Challenge 2021 training set, 43,101 records of which
+the 2020 sets are a part: read with ``data.dataset = "cinc2021"``, ``data.path = DEST/cinc2021``). The cinc2021
+download fetches each record's two files (about 88,000 requests; a rerun resumes) and checks them against the
+project's SHA256SUMS.txt; ``--archives`` unpacks the Challenge's own ``WFDB_*.tar.gz`` archives instead, when a
+user has them. ``all`` is cinc2017 and mitdb (cinc2021 is asked for by name: it is several GB).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ log = logging.getLogger("data_prep.ecg")
 
 PHYSIONET = "https://physionet.org/files"
 # (path under the PhysioNet files root, what to fetch)
-PHYSIONET_PATHS = {"mitdb": "mitdb/1.0.0", "cinc2017": "challenge-2017/1.0.0"}
+PHYSIONET_PATHS = {"mitdb": "mitdb/1.0.0", "cinc2017": "challenge-2017/1.0.0", "cinc2021": "challenge-2021/1.0.3"}
 
 
 def _base_url(base: str) -> str:
@@ -85,8 +92,87 @@ def _safe_unzip(archive: Path, dest: Path) -> None:
         raise ECGDataError(f"{archive}: not a readable zip archive ({exc})") from exc
 
 
+def _record_list(root: str, folder: Path, sub: str, timeout: float, depth: int = 0) -> list[str]:
+    """Record paths (relative to the project root, without suffix) from the ``RECORDS`` file of folder ``sub``;
+    a line ending in ``/`` is a subfolder with its own ``RECORDS`` (PhysioNet's convention for nested sets)."""
+    if depth > 8:
+        raise ECGDataError(f"{root}/{sub}RECORDS: RECORDS files nested deeper than 8 folders")
+    records = _fetch(f"{root}/{sub}RECORDS", folder / sub / "RECORDS", timeout)
+    out: list[str] = []
+    for line in (ln.strip() for ln in records.read_text().splitlines()):
+        parts = Path(line).parts
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("/") or ".." in parts:
+            raise ECGDataError(f"{records}: refusing record path {line!r}")
+        if line.endswith("/"):
+            out += _record_list(root, folder, sub + line, timeout, depth + 1)
+        else:
+            out.append(sub + line)
+    return out
+
+
+def download_cinc2021(dest: str | Path, base_url: str = PHYSIONET, timeout: float = 60.0) -> Path:
+    """Fetch the PhysioNet/CinC Challenge 2021 training records (``challenge-2021/1.0.3``: every record listed by
+    its RECORDS files, ``.hea`` and ``.mat``) into ``dest/cinc2021`` and check them against the project's
+    SHA256SUMS.txt when the mirror has it; returns ``dest/cinc2021`` (the task's ``data.path``). Files already
+    present are kept, so a rerun resumes."""
+    folder = Path(dest) / "cinc2021"
+    root = f"{_base_url(base_url)}/{PHYSIONET_PATHS['cinc2021']}"
+    names = _record_list(root, folder, "", timeout)
+    if not names:
+        raise ECGDataError(f"{root}/RECORDS lists no records")
+    files = [f"{n}.{ext}" for n in names for ext in ("hea", "mat")]
+    for i, fname in enumerate(files, 1):
+        _fetch(f"{root}/{fname}", folder / fname, timeout)
+        if i % 2000 == 0:
+            log.info("cinc2021: %d/%d files", i, len(files))
+    try:
+        sums = _fetch(f"{root}/SHA256SUMS.txt", folder / "SHA256SUMS.txt", timeout)
+    except ECGDataError:
+        log.warning("cinc2021: no SHA256SUMS.txt at %s; files not verified", root)
+    else:
+        _check_sums(folder, sums, set(files))
+    log.info("cinc2021: %d records in %s", len(names), folder)
+    return folder
+
+
+def extract_cinc2021_archives(archives: list[Path], dest: str | Path) -> dict[str, dict[str, int]]:
+    """Unpack the Challenge's ``WFDB_*.tar.gz`` archives (one per source) into ``dest/cinc2021/<archive>/``
+    (unsafe member paths, links and devices refused) and check each: every ``.hea`` needs its ``.mat``. Returns
+    {archive: {"records": n, "without_signal": m}}; an archive without any record is an error naming it. An
+    archive already unpacked (its folder exists) is checked, not unpacked again."""
+    from cnnapps.tasks.ecg.prepare import safe_extract
+
+    out: dict[str, dict[str, int]] = {}
+    for archive in map(Path, archives):
+        if not archive.is_file():
+            raise ECGDataError(f"{archive}: archive not found")
+        name = archive.name.removesuffix(".gz").removesuffix(".tar").removesuffix(".tgz")
+        target = Path(dest) / "cinc2021" / name
+        if not target.is_dir():
+            tmp = target.with_name(f".{name}.part")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                safe_extract(archive, tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            tmp.rename(target)
+        headers = sorted(target.rglob("*.hea"))
+        if not headers:
+            raise ECGDataError(f"{archive}: holds no WFDB records (*.hea)")
+        lacking = [h for h in headers if not h.with_suffix(".mat").is_file()]
+        for h in lacking[:5]:
+            log.warning("%s: no signal file %s", archive, h.with_suffix(".mat").name)
+        out[archive.name] = {"records": len(headers), "without_signal": len(lacking)}
+        log.info("%s: %d records (%d without a .mat)", archive, len(headers), len(lacking))
+    return out
+
+
 def download_physionet(dataset: str, dest: str | Path, base_url: str = PHYSIONET, timeout: float = 60.0) -> Path:
-    """Fetch ``dataset`` ("mitdb" | "cinc2017") from PhysioNet (or a mirror: a URL or a local folder laid out
+    """Fetch ``dataset`` ("mitdb" | "cinc2017" | "cinc2021") from PhysioNet (or a mirror: a URL or a local folder laid out
     like PhysioNet's ``files/``) into ``dest``; returns the folder the task reads (``dest/<dataset>``).
 
     Files already present are kept (a rerun resumes). MIT-BIH files are checked against PhysioNet's
@@ -95,6 +181,8 @@ def download_physionet(dataset: str, dest: str | Path, base_url: str = PHYSIONET
     if dataset not in PHYSIONET_PATHS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(PHYSIONET_PATHS)}")
     dest = Path(dest)
+    if dataset == "cinc2021":
+        return download_cinc2021(dest, base_url, timeout)
     root = f"{_base_url(base_url)}/{PHYSIONET_PATHS[dataset]}"
     if dataset == "mitdb":
         folder = dest / "mitdb"
@@ -127,7 +215,7 @@ def download_physionet(dataset: str, dest: str | Path, base_url: str = PHYSIONET
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None, help="data root (default: $CNNAPPS_DATA, ../shared/data, ...)")
-    parser.add_argument("--dataset", default="all", choices=["cinc2017", "mitdb", "all"])
+    parser.add_argument("--dataset", default="all", choices=["cinc2017", "mitdb", "cinc2021", "all"])
     parser.add_argument("--fs", type=int, default=200, help="model sampling rate (Hz)")
     parser.add_argument("--lead", default=None, help="signal name (default: first for CinC, MLII for MIT-BIH)")
     parser.add_argument("--leads", default=None,
@@ -138,11 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--download", type=Path, default=None, metavar="DEST",
                         help="download from PhysioNet into DEST first (only what DEST lacks), then prepare")
     parser.add_argument("--mirror", default=PHYSIONET, help="PhysioNet files root, or a mirror URL or folder")
+    parser.add_argument("--archives", type=Path, nargs="+", default=None, metavar="TAR_GZ",
+                        help="cinc2021: unpack these Challenge archives (WFDB_*.tar.gz) into DEST/cinc2021 instead "
+                             "of downloading record by record (needs --download DEST)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     datasets = ["cinc2017", "mitdb"] if args.dataset == "all" else [args.dataset]
+    if args.archives and (args.download is None or datasets != ["cinc2021"]):
+        parser.error("--archives needs --dataset cinc2021 and --download DEST")
     if args.download is not None:
         for name in datasets:
+            if name == "cinc2021":  # record by record, resuming; or the archives a user has
+                if args.archives:
+                    extract_cinc2021_archives(args.archives, args.download)
+                else:
+                    download_cinc2021(args.download, args.mirror)
+                continue
             try:
                 dataset_source(args.download, name)
                 log.info("%s already under %s; not downloading", name, args.download)
@@ -155,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in datasets:
         lead = args.lead if args.lead is not None else ("MLII" if name == "mitdb" else "")
         t0 = time.perf_counter()
-        leads = tuple(args.leads.split(",")) if args.leads else ()
+        leads = tuple(args.leads.split(",")) if args.leads else (("all",) if name == "cinc2021" else ())
         params = PrepParams(fs=args.fs, lead="" if leads else lead, leads=leads,
                             missing_lead="substitute" if leads else "skip", normalize=args.normalize)
         cache = prepare_source(dataset_source(root, name), params, force=args.force)

@@ -295,8 +295,16 @@ def test_predict_on_a_360hz_record_and_by_lead_name(data_root, tmp_path):
     model, cfg, state = _tiny_model(["data.dataset=mitdb", "data.target=rhythm", "data.lead=MLII"])
     task = ECGTask()
     rows = list(task.predict(model, [str(folder / "100"), str(folder / "114.hea"), str(folder / "102")], state,
-                             cfg, torch.device("cpu"), plot=True, out_dir=tmp_path))
+                             cfg, torch.device("cpu"), plot=True, out_dir=tmp_path, steps=True,
+                             answers=tmp_path / "answers.txt"))
     r100, r114, r102 = rows
+    assert r114["input"] == str(folder / "114.hea")
+    # one CinC-style line per record, the record's label; per-step probabilities on request
+    assert (tmp_path / "answers.txt").read_text().splitlines() == [f"{n},{r['label']}" for n, r in
+                                                                    zip(("100", "114", "102"), rows)]
+    assert (len(r100["steps"]) - 1) * 1.28 < r100["duration_s"] <= len(r100["steps"]) * 1.28  # steps cover it
+    assert r100["step_s"] == 256 / 200 and len(r100["steps"][0]) == len(state["classes"])
+    assert np.argmax(np.mean(r100["steps"], 0)) == state["classes"].index(r100["label"])
     assert r100["fs"] == 360 and r100["lead"] == "MLII" and r100["duration_s"] == pytest.approx(650000 / 360)
     assert r100["label"] in state["classes"] and sum(r100["probabilities"].values()) == pytest.approx(1, abs=1e-3)
     segs = r100["segments"]
@@ -305,7 +313,7 @@ def test_predict_on_a_360hz_record_and_by_lead_name(data_root, tmp_path):
                for a, b in zip(segs, segs[1:]))
     assert r114["lead"] == "MLII"  # MLII is the second signal of record 114
     assert r102["lead"] == "V5"  # no MLII: the first signal
-    assert Path(r100["plot"]).is_file() and Path(r100["plot"]).stat().st_size > 10000
+    assert Path(r100["picture"]).is_file() and Path(r100["picture"]).stat().st_size > 10000
     (named,) = task.predict(model, [str(folder / "100")], state, cfg, torch.device("cpu"), lead="V5")
     assert named["lead"] == "V5" and named["probabilities"] != r100["probabilities"]
     (missing,) = task.predict(model, [str(folder / "100")], state, cfg, torch.device("cpu"), lead="V1")

@@ -81,7 +81,8 @@ SKIP_REASONS = {
     "flat_line": "a chosen lead is (almost) constant: no ECG to learn from",
     "too_short": "fewer than one 256-sample step after resampling",
     "unknown_label": "REFERENCE.csv gives a label outside N, A, O, ~",
-    "no_label": "the record has no line in REFERENCE.csv",
+    "no_label": "the record has no line in REFERENCE.csv (CinC 2020/2021: no ``# Dx:`` header line)",
+    "bad_dx": "the header's ``# Dx:`` line holds an item that is not a SNOMED CT code",
 }
 
 # Bytes per sample of the uncompressed WFDB formats (212: 2 samples in 3 bytes; 310/311: 3 in 4).
@@ -144,14 +145,17 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def folder_fingerprint(folder: Path, extra: list[Path] = ()) -> str:
-    """A cheap identity of an unpacked WFDB folder: names, sizes and mtimes of its record files (+ ``extra``)."""
+def folder_fingerprint(folder: Path, extra: list[Path] = (), recursive: bool = False) -> str:
+    """A cheap identity of an unpacked WFDB folder: names, sizes and mtimes of its record files (+ ``extra``);
+    ``recursive``: of every subfolder too (names relative to ``folder``)."""
     h = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".hea", ".dat", ".mat", ".atr", ".csv")
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in found if p.suffix in (".hea", ".dat", ".mat", ".atr", ".csv")
                    or p.name == "RECORDS")
     for p in [*files, *extra]:
         st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        name = p.relative_to(folder).as_posix() if recursive and p.is_relative_to(folder) else p.name
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -466,8 +470,14 @@ def read_reference(path: Path) -> dict[str, str]:
     return labels
 
 
-def list_records(folder: Path) -> list[str]:
-    """Record names of a WFDB folder: its ``RECORDS`` file if present, else every ``*.hea`` stem, sorted."""
+def list_records(folder: Path, recursive: bool = False) -> list[str]:
+    """Record names of a WFDB folder: its ``RECORDS`` file if present, else every ``*.hea`` stem, sorted.
+    ``recursive``: every ``*.hea`` below ``folder``, named by its path relative to it without the suffix
+    (``georgia/g1/E00001``), as the Challenge 2020/2021 sets are laid out."""
+    if recursive:
+        # hidden folders are unfinished unpacking or tools' state, not records
+        return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.hea")
+                      if not any(part.startswith(".") for part in p.relative_to(folder).parts))
     records_file = folder / "RECORDS"
     if records_file.is_file():
         names = [ln.strip() for ln in records_file.read_text().splitlines() if ln.strip()]
@@ -488,6 +498,9 @@ class Source:
     record_dir: Path
     fingerprint: str
     reference: Path | None = None
+    # "dx": each record's label is the SNOMED CT codes of its header's ``# Dx:`` line (CinC 2020/2021), kept
+    # comma-joined as the header writes them; records are found in subfolders too
+    dx_labels: bool = False
 
 
 def cinc2017_source(data_root: Path) -> Source:
@@ -536,13 +549,27 @@ def folder_source(folder: Path) -> Source:
     return Source("folder", folder, "dir:" + folder_fingerprint(folder), ref if ref.is_file() else None)
 
 
-def dataset_source(data_root: Path, dataset: str) -> Source:
-    """The Source of ``dataset`` ("cinc2017" | "mitdb") under a data root."""
+def cinc2021_source(folder: Path) -> Source:
+    """PhysioNet/CinC Challenge 2020/2021 12-lead records: every ``*.hea`` below ``folder`` (the Challenge sets
+    keep each source in its own subfolders), labels from each header's ``# Dx:`` line."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.rglob("*.hea")):
+        raise DataNotFoundError(f"no WFDB records (*.hea) in {folder} or its subfolders (CinC 2020/2021 12-lead "
+                                f"records; data_prep/ecg.py --download DEST --dataset cinc2021 fetches them)")
+    return Source("cinc2021", folder, "dir:" + folder_fingerprint(folder, recursive=True), dx_labels=True)
+
+
+def dataset_source(data_root: Path, dataset: str, path: str = "") -> Source:
+    """The Source of ``dataset`` ("cinc2017" | "mitdb" | "cinc2021") under a data root; ``path``: cinc2021's
+    record folder (absolute, or relative to the data root; default ``cinc2021``)."""
+    if dataset == "cinc2021":
+        folder = Path(path or "cinc2021").expanduser()
+        return cinc2021_source(folder if folder.is_absolute() else Path(data_root) / folder)
     if dataset == "cinc2017":
         return cinc2017_source(data_root)
     if dataset == "mitdb":
         return mitdb_source(data_root)
-    raise ValueError(f"unknown ECG dataset {dataset!r}; known: cinc2017, mitdb")
+    raise ValueError(f"unknown ECG dataset {dataset!r}; known: cinc2017, mitdb, cinc2021")
 
 
 # ---------------------------------------------------------------- the prepared cache
@@ -699,7 +726,7 @@ def prepare_source(source: Source, params: PrepParams, *, annotations: bool | No
     whose records all have ``.atr`` files). Labels come from ``source.reference`` when it is set.
     """
     if annotations is None:
-        names = list_records(source.record_dir)
+        names = list_records(source.record_dir, source.dx_labels)
         annotations = source.dataset == "mitdb" or (
             source.dataset == "folder" and bool(names)
             and all((source.record_dir / f"{n}.atr").is_file() for n in names))
@@ -730,7 +757,7 @@ def prepare_source(source: Source, params: PrepParams, *, annotations: bool | No
 def _build(source: Source, params: PrepParams, annotations: bool, tmp: Path, key: str) -> dict:
     t0 = time.perf_counter()
     labels = read_reference(source.reference) if source.reference is not None else None
-    names = list_records(source.record_dir)
+    names = list_records(source.record_dir, source.dx_labels)
     if labels is not None:
         names = sorted(set(names) | set(labels))  # a labelled record without files must show up as a skip
     skipped: dict[str, list[str]] = {}
@@ -753,6 +780,8 @@ def _build(source: Source, params: PrepParams, annotations: bool, tmp: Path, key
                         raise RecordSkip("unknown_label", f"{source.reference}: record {name} has label "
                                          f"{label!r}, not one of {', '.join(CINC_CLASSES)}")
                 path = source.record_dir / name
+                if source.dx_labels:
+                    label = _dx_label(path)
                 raw, fs_in, choice = read_leads(path, [ALL] if wanted is None else wanted, substitute)
                 x, n_nan = prepare_signals(raw, fs_in, params, str(path), choice.names)
                 rhythm = beats = None
@@ -776,8 +805,10 @@ def _build(source: Source, params: PrepParams, annotations: bool, tmp: Path, key
     writer.close()
     counts: dict[str, int] = {}
     for r in writer.records:
-        if r["label"] is not None:
-            counts[r["label"]] = counts.get(r["label"], 0) + 1
+        # Dx labels are several codes: count each code
+        for lab in (r["label"].split(",") if source.dx_labels and r["label"] else [r["label"]]):
+            if lab is not None:
+                counts[lab] = counts.get(lab, 0) + 1
     seconds = time.perf_counter() - t0
     log.info("prepared %s: %d records kept, %d skipped%s, in %.1f s", source.dataset, len(writer.records),
              sum(map(len, skipped.values())), _reasons({k: len(v) for k, v in skipped.items()}), seconds)
@@ -790,6 +821,21 @@ def _build(source: Source, params: PrepParams, annotations: bool, tmp: Path, key
         "skip_messages": messages, "rhythm_names": sorted(vocab, key=vocab.get), "beat_classes": list(BEAT_CLASSES),
         "prep_seconds": round(seconds, 2), "records": writer.records,
     }
+
+
+def _dx_label(path: Path) -> str:
+    """The SNOMED CT codes of a record's ``# Dx:`` header line, comma-joined ("" for an empty line). RecordSkip:
+    no header (missing_record), no Dx line (no_label), an item that is not a code (bad_dx)."""
+    from cnnapps.tasks.ecg.cinc2021 import dx_codes
+
+    header = read_header(path)
+    try:
+        codes = dx_codes(header.comments or [])
+    except ValueError as exc:
+        raise RecordSkip("bad_dx", f"{path}.hea: {exc}") from exc
+    if codes is None:
+        raise RecordSkip("no_label", f"{path}.hea: no '# Dx:' line (the record's diagnoses)")
+    return ",".join(codes)
 
 
 def prepare(data_root: Path, dataset: str, params: PrepParams, force: bool = False) -> PreparedCache:

@@ -26,8 +26,8 @@ from cnnapps.tasks.ecg.explain import ECGExplain
 from cnnapps.tasks.ecg.leads import ALL, parse_leads, same_lead
 from cnnapps.tasks.ecg.metrics import ECGMetrics
 from cnnapps.tasks.ecg.prepare import (CINC_CLASSES, MITDB_DS1, MITDB_DS2, STEP, PrepParams,
-                                       PreparedCache, RecordSkip, choose_lead, dataset_source, folder_source,
-                                       prepare_source)
+                                       PreparedCache, RecordSkip, choose_lead, cinc2021_source, dataset_source,
+                                       folder_source, prepare_source)
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,22 @@ class ECGDataConfig:
     """``[data]``: which records, how they are prepared, windowed, split, weighted and augmented."""
 
     dataset: str = option("cinc2017", help="data set under the data root: cinc2017 (PhysioNet/CinC 2017, "
-                          "REFERENCE.csv labels) or mitdb (MIT-BIH Arrhythmia, .atr annotations)",
-                          choices=("cinc2017", "mitdb"))
+                          "REFERENCE.csv labels), mitdb (MIT-BIH Arrhythmia, .atr annotations) or cinc2021 "
+                          "(PhysioNet/CinC 2020/2021 12-lead records under data.path, # Dx: header labels)",
+                          choices=("cinc2017", "mitdb", "cinc2021"))
     target: str = option("record", help="what each 256-sample step is labelled with: record (the CinC record "
                          "label broadcast along it), rhythm (MIT-BIH rhythm at the step centre), beats (one example "
-                         "per annotated MIT-BIH beat, centred on its R-peak: AAMI N, S, V, F)",
-                         choices=("record", "rhythm", "beats"))
+                         "per annotated MIT-BIH beat, centred on its R-peak: AAMI N, S, V, F), dx (cinc2021: the "
+                         "record's scored diagnoses, several per record, sigmoid outputs pooled over the record)",
+                         choices=("record", "rhythm", "beats", "dx"))
+    path: str = option("cinc2021", help="cinc2021: the folder of records, searched recursively (the Challenge "
+                       "sets keep each source in subfolders); absolute or relative to the data root")
+    label_set: str = option("scored2021", help="cinc2021: the classes, the Challenge's scored diagnoses "
+                            "(equivalent SNOMED CT codes merged; cnnapps.tasks.ecg.cinc2021)",
+                            choices=("scored2021", "scored2020"))
+    unscored: str = option("negative", help="cinc2021: a record whose codes hold no scored class is kept as an "
+                           "all-negative example, or left out before the split and counted (no_scored_label)",
+                           choices=("negative", "skip"))
     fs: int = option(200, help="model sampling rate in Hz (records are resampled to it; Hannun et al.: 200)", ge=1)
     lead: str = option("", help="signal name to read (e.g. MLII; aliases match, MLII ~ II); \"\": each record's first "
                        "ECG signal")
@@ -125,6 +135,9 @@ class ECGModelConfig:
                                   "(2 ** (num_blocks / subsample_every) must be 256)", ge=1)
     increase_every: int = option(2, help="hannun: blocks between doublings of the filter count", ge=1)
     head_dropout: float = option(0.0, help="dropout before the per-step linear head", ge=0, lt=1)
+    pool: str = option("mean", help="dx target: how per-step logits become the record's logit per class: their "
+                       "mean over the record's real steps, or their max (a finding seen in one beat)",
+                       choices=("mean", "max"))
     kwargs: dict = option(help="other backbone keyword arguments (for backbones other than hannun34_1d)",
                           default_factory=dict)
     beat_head: BeatHeadConfig = option(help="[model.beat_head]: the head that joins RR features (data.target = "
@@ -176,6 +189,10 @@ def _classes(target: str, d: ECGDataConfig) -> list[str]:
         return list(CINC_CLASSES)
     if target == "beats":
         return list(SCORED)
+    if target == "dx":
+        from cnnapps.tasks.ecg.cinc2021 import class_table
+
+        return [c.abbr for c in class_table(d.label_set)]
     if not d.rhythm_classes:
         raise ConfigError("data.rhythm_classes is empty")
     return list(d.rhythm_classes)
@@ -186,9 +203,9 @@ def _settings(cfg: ECGConfig, state: dict | None) -> dict[str, Any]:
     if state:
         return dict(state)
     d = cfg.data
-    expected = {"cinc2017": ("record",), "mitdb": ("rhythm", "beats")}
+    expected = {"cinc2017": ("record",), "mitdb": ("rhythm", "beats"), "cinc2021": ("dx",)}
     if d.dataset not in expected:
-        raise ConfigError(f"data.dataset: unknown {d.dataset!r} (cinc2017, mitdb)")
+        raise ConfigError(f"data.dataset: unknown {d.dataset!r} (cinc2017, mitdb, cinc2021)")
     if d.target not in expected[d.dataset]:
         raise ConfigError(f"data.target {d.target!r} does not fit data.dataset {d.dataset!r} "
                           f"(use {' or '.join(expected[d.dataset])})")
@@ -203,7 +220,8 @@ def _settings(cfg: ECGConfig, state: dict | None) -> dict[str, Any]:
             "rhythm_aliases": list(d.rhythm_aliases), "other_class": d.other_class,
             "leads": leads, "missing_lead": d.missing_lead,
             # "all" is known only once the cache is prepared (build_data sets it then)
-            "in_chans": 0 if leads == [ALL] else max(1, len(leads))}
+            "in_chans": 0 if leads == [ALL] else max(1, len(leads)),
+            **({"path": d.path, "label_set": d.label_set, "unscored": d.unscored} if d.target == "dx" else {})}
 
 
 def _config_leads(d: ECGDataConfig) -> list[str]:
@@ -271,6 +289,10 @@ def _note_leads(s: dict, cache: PreparedCache, from_checkpoint: bool) -> None:
 def _cache_for(s: dict, data_root: Path, split: str | None) -> PreparedCache:
     """The dataset's cache; for ``split='all'``, every record of ``data_root`` (a WFDB folder or a data root)."""
     data_root = Path(data_root)
+    if s["dataset"] == "cinc2021":  # labels from the headers: a folder given for --split all is read the same way
+        if split == "all" and any(data_root.rglob("*.hea")):
+            return prepare_source(cinc2021_source(data_root), _params(s))
+        return prepare_source(dataset_source(data_root, "cinc2021", str(s.get("path", ""))), _params(s))
     if split == "all" and any(data_root.glob("*.hea")):
         return prepare_source(folder_source(data_root), _params(s))
     return prepare_source(dataset_source(data_root, s["dataset"]), _params(s))
@@ -304,6 +326,10 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
 
             return build_beat_data(d, s, cache, None if split == "all" else self._split(s, d, cache), state)
         _note_leads(s, cache, state is not None)
+        if s["target"] == "dx":  # record-level multi-label: cnnapps.tasks.ecg.dx
+            from cnnapps.tasks.ecg.dx import build_dx_data
+
+            return build_dx_data(d, s, cache, split, state)
         labeler = _labeler(s, cache)
         classes = list(s["classes"])
         step, window, eval_window = int(s["step"]), int(s["window"]), int(s["eval_window"])
@@ -385,8 +411,14 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
             raise ConfigError(f"model: backbone {m.backbone!r} with {kwargs} reduces time by {reduction}, but the "
                               f"ECG labels come one per {step} samples; for hannun34_1d keep "
                               f"2 ** (num_blocks // subsample_every) == {step}")
-        return ECGSequenceModel(backbone, len(data.state["classes"]), m.head_dropout,
-                                class_weights=data.state.get("class_weights"))
+        model = ECGSequenceModel(backbone, len(data.state["classes"]), m.head_dropout,
+                                 class_weights=data.state.get("class_weights"))
+        if data.state.get("target") == "dx":
+            from cnnapps.tasks.ecg.dx import attach_dx
+
+            attach_dx(model, len(data.state["classes"]), str(data.state.get("pool", m.pool)))
+            data.state["pool"] = model.pool
+        return model
 
     # ---- step
     def step(self, model: nn.Module, batch: dict[str, torch.Tensor], cfg: ECGConfig) -> dict[str, Any]:
@@ -396,6 +428,10 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
 
             logits = model(batch["x"], batch["rr"])
             return {"loss": beat_loss(model, logits, batch["y"], cfg.train.label_smoothing), "output": logits}
+        if "targets" in batch:  # the dx target: record-level multi-label
+            from cnnapps.tasks.ecg.dx import dx_step
+
+            return dx_step(model, batch)
         logits = model(batch["x"])
         y = batch["y"]
         if logits.shape[-1] != y.shape[-1]:
@@ -417,6 +453,10 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
             from cnnapps.tasks.ecg.beats import BeatMetrics
 
             return BeatMetrics(s["classes"])
+        if s["target"] == "dx":
+            from cnnapps.tasks.ecg.dx import DxMetrics
+
+            return DxMetrics(s["classes"])
         return ECGMetrics(s["classes"], s["target"], int(s["step"]))
 
     def report(self, run_dir: Path, metric: ECGMetrics, data: DataSplits) -> dict[str, str]:
@@ -427,6 +467,8 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
             from cnnapps.tasks.ecg.beats import beat_report
 
             return beat_report(run_dir, metric, data)
+        if data.state["target"] == "dx":
+            return _dx_report(Path(run_dir), metric, data)
         run_dir = Path(run_dir)
         artifacts = metric.artifacts()
         out = plot_confusion_matrices(artifacts, run_dir, data.state["target"])
@@ -447,6 +489,8 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
         ``cnnapps.tasks.ecg.bench.headline``."""
         from cnnapps.tasks.ecg.bench import headline
 
+        if cfg.data.target == "dx":  # the record-rhythm headline (confusion matrix, challenge F1) does not apply
+            return {}
         report = headline(self, cfg, Path(run_dir), Path(results_dir), key)
         if cfg.data.target == "beats" and (Path(run_dir) / "metrics.json").is_file():  # ours beside de Chazal's
             from cnnapps.tasks.ecg.beats import comparison_table
@@ -455,27 +499,53 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
             report.setdefault("tables", []).append(comparison_table(test))
         return report
 
+    def callbacks(self, cfg: ECGConfig) -> list[Any]:
+        """The dx target's per-class threshold calibration after each validation pass."""
+        if cfg.data.target == "dx":
+            from cnnapps.tasks.ecg.dx import CalibrateDxThresholds
+
+            return [CalibrateDxThresholds()]
+        return []
+
     # ---- predict
     def predict_options(self, parser: Any) -> None:
         parser.add_argument("--lead", default=None,
                             help="signal name to read (default: the training lead if the record has it, else the "
                                  "first signal)")
         parser.add_argument("--plot", action="store_true", help="draw each ECG coloured by predicted rhythm")
+        parser.add_argument("--steps", action="store_true",
+                            help="add each record's per-step class probabilities (one row of probabilities per "
+                                 "256 samples at the model rate; step_s says how long a step is)")
+        parser.add_argument("--answers", type=Path, default=None, metavar="FILE",
+                            help="also write a CinC-style answers file: one 'record,label' line per record read "
+                                 "(a folder given as input is searched for records); for a 12-lead (dx) model "
+                                 "the label is the predicted SNOMED CT codes joined by commas as on a header's "
+                                 "# Dx: line. Records that fail are left out and named in their error rows")
 
     def predict(self, model: nn.Module, inputs: list[str], state: dict, cfg: ECGConfig, device: torch.device,
                 plot: bool = False, out_dir: str | Path | None = None, lead: str | None = None,
-                **kw: Any) -> Iterator[dict]:
-        """One dict per WFDB record path (any sampling rate and lead count): record, fs, duration_s, label,
-        probabilities (mean over the record), segments [{start_s, end_s, rhythm}] of equal consecutive steps.
-        A beats model gives instead beat_counts {class: n} and beats [{time_s, class, p}], one per R-peak
-        detected (``cnnapps.tasks.ecg.beats.classify_beats``)."""
+                steps: bool = False, answers: str | Path | None = None, **kw: Any) -> Iterator[dict]:
+        """One dict per WFDB record (any sampling rate and lead count; a folder stands for every record below
+        it): ``input`` (the record as given or found), fs, lead, leads (read), duration_s, label, probabilities
+        (mean over the record), segments [{start_s, end_s, rhythm}] of equal consecutive steps; ``picture`` (the
+        strip drawn, with ``plot``); ``error`` instead for a record that cannot be read. ``steps``: also
+        ``step_s`` and ``steps`` (per-step probabilities, (steps, classes) as lists). A dx (12-lead) model gives
+        ``labels`` {class: probability} of every class at or above its threshold, ``codes`` (their SNOMED CT
+        codes) and ``probabilities`` of every class instead of label and segments. A beats model gives instead
+        beat_counts {class: n} and beats [{time_s, class, p}], one per R-peak detected
+        (``cnnapps.tasks.ecg.beats.classify_beats``). ``answers``: a file of ``record,label`` lines, written when
+        every input has been read."""
         from cnnapps.tasks.ecg.prepare import prepare_signals, read_leads
 
+        if answers is not None and state["target"] == "beats":
+            raise ConfigError("--answers: a beats model labels beats, not records")
         classes, step, fs = list(state["classes"]), int(state["step"]), int(state["fs"])
         params = _params(state)
         chunk = int(state.get("eval_window") or 0) or 2 ** 18  # bounded memory for half-hour records
+        dx = state["target"] == "dx"
         model.eval()
-        for path in inputs:
+        lines: list[str] = []
+        for path in _expand_records(inputs):
             record = str(Path(path).with_suffix("")) if Path(path).suffix in (".hea", ".dat", ".mat") else path
             try:
                 wanted = parse_leads(lead) if lead else _model_leads(state)
@@ -491,37 +561,51 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
                 lead_name = choice.names[0]
                 x, _ = prepare_signals(raw, fs_in, params, record, choice.names)
             except (RecordSkip, ValueError) as exc:  # ValueError: a --lead list that repeats a lead
-                yield {"record": path, "error": f"{getattr(exc, 'reason', 'bad_lead')}: {exc}"}
+                yield {"input": path, "error": f"{getattr(exc, 'reason', 'bad_lead')}: {exc}"}
                 continue
+            facts = {"fs": fs_in, "lead": lead_name, "leads": list(choice.names),
+                     "duration_s": round(len(raw) / fs_in, 3)}
             if state["target"] == "beats":
-                yield _predict_beats(model, x, state, device, path, record,
-                                     {"fs": fs_in, "lead": lead_name, "leads": list(choice.names),
-                                      "duration_s": round(len(raw) / fs_in, 3)})
+                yield _predict_beats(model, x, state, device, path, record, facts)
                 continue
-            probs = _predict_steps(model, x, chunk, step, device)
-            valid = n_valid_steps(len(x), step)
-            probs = probs[:valid]
-            mean = probs.mean(0)
+            logits = _predict_logits(model, x, chunk, step, device)[:n_valid_steps(len(x), step)]
             duration = len(raw) / fs_in
-            steps = probs.argmax(1)
-            row: dict[str, Any] = {
-                "record": path, "fs": fs_in, "lead": lead_name, "leads": list(choice.names),
-                "duration_s": round(duration, 3),
-                "label": classes[int(mean.argmax())],
-                "probabilities": {c: round(float(p), 4) for c, p in zip(classes, mean)},
-                "segments": [{"start_s": round(a, 3), "end_s": round(min(b, duration), 3), "rhythm": classes[c]}
-                             for a, b, c in merge_segments(steps, step / fs)],
-            }
+            if dx:
+                row = _dx_row(model, logits, state, path, facts)
+                answer = ",".join(row["codes"])
+                step_probs = torch.sigmoid(torch.from_numpy(logits)).numpy()
+            else:
+                probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+                step_probs = probs
+                mean = probs.mean(0)
+                pred = probs.argmax(1)
+                row = {"input": path, **facts, "label": classes[int(mean.argmax())],
+                       "probabilities": {c: round(float(p), 4) for c, p in zip(classes, mean)},
+                       "segments": [{"start_s": round(a, 3), "end_s": round(min(b, duration), 3),
+                                     "rhythm": classes[c]} for a, b, c in merge_segments(pred, step / fs)]}
+                answer = row["label"]
+            if steps:
+                row["step_s"] = step / fs
+                row["steps"] = np.round(step_probs, 4).tolist()
             if plot:
                 from cnnapps.tasks.ecg.plots import plot_ecg_strip, signal_in_millivolts
 
                 folder = Path(out_dir or ".")
                 folder.mkdir(parents=True, exist_ok=True)
                 mv, units = signal_in_millivolts(raw[:, 0], fs_in, fs, x[:, 0])
-                png = plot_ecg_strip(mv, fs, steps, classes, folder / f"{Path(record).name}.png", step=step,
-                                     title=f"{Path(record).name} ({lead_name}): {row['label']}", units=units)
-                row["plot"] = str(png)
+                shown = step_probs.argmax(1)
+                title = (f"{Path(record).name} ({lead_name}): "
+                         f"{', '.join(row['labels']) or 'no scored class' if dx else row['label']}")
+                png = plot_ecg_strip(mv, fs, shown, classes, folder / f"{Path(record).name}.png", step=step,
+                                     title=title, units=units)
+                row["picture"] = str(png)
+            lines.append(f"{Path(record).name},{answer}")
             yield row
+        if answers is not None:
+            target = Path(answers)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("".join(f"{ln}\n" for ln in lines))
+            log.info("wrote %s (%d records)", target, len(lines))
 
     # ---- bench hook
     def bench_extra(self, cfg: ECGConfig, data_root: Path) -> dict[str, float]:
@@ -607,13 +691,13 @@ def _predict_beats(model: nn.Module, x: np.ndarray, state: dict, device: torch.d
     try:
         pred = classify_beats(model, x, state, device, where=record)
     except QRSDetectionError as exc:
-        return {"record": path, "error": f"no_beats: {exc}"}
-    return {"record": path, **row, **beat_rows(pred, state)}
+        return {"input": path, "error": f"no_beats: {exc}"}
+    return {"input": path, **row, **beat_rows(pred, state)}
 
 
-def _predict_steps(model: nn.Module, x: np.ndarray, chunk: int, step: int, device: torch.device) -> np.ndarray:
-    """Softmax per step of a whole prepared signal (time,) or (time, leads), in chunks of ``chunk`` samples:
-    (steps, classes)."""
+def _predict_logits(model: nn.Module, x: np.ndarray, chunk: int, step: int, device: torch.device) -> np.ndarray:
+    """Per-step logits of a whole prepared signal (time,) or (time, leads), in chunks of ``chunk`` samples:
+    float32 (steps, classes)."""
     x = x[:, None] if x.ndim == 1 else x
     out = []
     with torch.inference_mode():
@@ -622,5 +706,69 @@ def _predict_steps(model: nn.Module, x: np.ndarray, chunk: int, step: int, devic
             padded = np.zeros((x.shape[1], -(-len(piece) // step) * step), dtype=np.float32)
             padded[:, :len(piece)] = piece.T
             logits = model(torch.from_numpy(padded)[None].to(device))
-            out.append(torch.softmax(logits.float(), 1)[0].T.cpu().numpy())
+            out.append(logits.float()[0].T.cpu().numpy())
     return np.concatenate(out)
+
+
+def _expand_records(inputs: list[str]) -> Iterator[str]:
+    """The inputs, with each folder replaced by the records below it (every ``*.hea``, sorted, without suffix)."""
+    for path in inputs:
+        if Path(path).is_dir():
+            found = sorted(Path(path).rglob("*.hea"))
+            if not found:
+                yield path  # read_leads reports it (missing_record)
+            for hea in found:
+                yield str(hea.with_suffix(""))
+        else:
+            yield path
+
+
+def _dx_row(model: nn.Module, logits: np.ndarray, state: dict, path: str, facts: dict) -> dict[str, Any]:
+    """``predict``'s row for a dx model: the steps' logits pooled as in training, each class's probability, the
+    classes at or above their thresholds (highest first) and their SNOMED CT codes."""
+    from cnnapps.tasks.ecg.cinc2021 import class_table
+    from cnnapps.tasks.ecg.dx import dx_answer, pool_steps
+
+    net = unwrap(model)
+    record_logit = pool_steps(torch.from_numpy(logits).T[None], None, how=str(state.get("pool", "mean")))[0]
+    probs = torch.sigmoid(record_logit).numpy().astype(float)
+    if isinstance(getattr(net, "thresholds", None), torch.Tensor):
+        thresholds = net.thresholds.detach().cpu().numpy().astype(float)
+    elif state.get("thresholds") is not None:  # an exported model: the thresholds its JSON saved
+        thresholds = np.asarray(state["thresholds"], dtype=float)
+    else:
+        log.warning("the model carries no calibrated thresholds; classes are called at p >= 0.5")
+        thresholds = np.full(len(state["classes"]), 0.5)
+    classes = list(state["classes"])
+    order = np.argsort(-probs)
+    return {"input": path, **facts,
+            "labels": {classes[i]: round(float(probs[i]), 4) for i in order if probs[i] >= thresholds[i]},
+            "codes": dx_answer(class_table(state["label_set"]), probs, thresholds),
+            "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs)}}
+
+
+def _dx_report(run_dir: Path, metric: Any, data: DataSplits) -> dict[str, str]:
+    """The dx target's report files: thresholds.json (per class, chosen on validation) and data_summary.json
+    (records per split, skips, records per class, loss weights)."""
+    s = data.state
+    art = metric.artifacts()
+    values = metric.compute()
+    names = list(art["class_names"])
+    (run_dir / "thresholds.json").write_text(json.dumps(
+        {"thresholds": dict(zip(names, [round(float(t), 4) for t in art["thresholds"]])),
+         "from": "the best F1 per class on the validation records, chosen with the evaluated weights"},
+        indent=2) + "\n")
+    splits = [(k, ds) for k, ds in (("train", data.train), ("val", data.val), ("test", data.test)) if ds is not None]
+    cache = splits[0][1].cache if splits else None
+    summary = {"records": {k: int(len(ds.records)) for k, ds in splits},
+               "skipped": dict(data.skipped), "unscored_records": s.get("unscored_records"),
+               "unscored": s.get("unscored"), "label_set": s.get("label_set"),
+               "leads_read": leads_read(cache) if cache is not None else None,
+               "classes": names, "train_label_counts": s.get("train_label_counts"),
+               "pos_weight": s.get("class_weights"),
+               "evaluated": {"records": int(len(art["targets"])),
+                             "positives": dict(zip(names, np.asarray(art["targets"]).sum(0).astype(int).tolist())),
+                             "macro_f1": values.get("macro_f1"), "auroc_macro": values.get("auroc_macro")}}
+    (run_dir / "data_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {"thresholds": "thresholds.json", "data summary (split sizes, skipped records, labels)":
+            "data_summary.json"}
