@@ -355,6 +355,10 @@ def test_fit_evaluate_and_predict_through_the_cli(tmp_path, data_root):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"ap", "ap50", "ap75", "ap_person", "images"} <= set(metrics) and metrics["images"] == 3
+    # a detector in eval mode computes no loss: none is reported (metrics.json) or logged per epoch
+    assert "loss" not in metrics and isinstance(metrics["images"], int)
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs and not any("val_loss" in row for row in epochs) and all("train_loss" in row for row in epochs)
     assert main("detect", ["evaluate", "--checkpoint", str(run / "checkpoints/best.pt"), "--data-dir", str(root),
                            "--quiet"]) == 0
     image = root / "pennfudan/images" / f"{sorted(json.loads((root / 'pennfudan/boxes.json').read_text()))[0]}.jpg"

@@ -12,7 +12,7 @@ from PIL import Image
 
 import torch
 
-from cnnapps.data.images import (ImageData, ImageReadError, MaskSizeError, cached_arrays, check_backbone,
+from cnnapps.data.images import (ImageBackbone, ImageData, ImageReadError, MaskSizeError, cached_arrays,
                                  files_fingerprint, override, predict_images, read_image, read_mask, resize_image,
                                  resize_mask)
 from cnnapps.engine.config import ConfigError, load_config
@@ -154,12 +154,12 @@ def test_augmentation_is_built_only_when_asked_for_and_set():
     assert aug is not None and aug.hflip and aug.rotation == 5 and aug.crop_scale == 1.0
 
 
-def test_unknown_or_1d_backbone_names_the_key():
-    with pytest.raises(ConfigError, match=r"model.backbone = 'resnet19': no such backbone; did you mean resnet18"):
-        check_backbone("model.backbone", "resnet19")
-    with pytest.raises(ConfigError, match="model.backbone = 'resnet18_1d' is a 1D backbone"):
-        check_backbone("model.backbone", "resnet18_1d")
-    check_backbone("model.backbone", "vgg11_bn")
+def test_an_image_model_section_refuses_an_unknown_or_1d_backbone_naming_the_key():
+    with pytest.raises(ConfigError, match=r"backbone = 'resnet19': no such backbone; did you mean resnet18"):
+        load_config(ImageBackbone, None, ["backbone=resnet19"])
+    with pytest.raises(ConfigError, match="backbone = 'resnet18_1d': a 1D backbone, this task needs a 2D one"):
+        load_config(ImageBackbone, None, ["backbone=resnet18_1d"])
+    assert load_config(ImageBackbone, None, ["backbone=vgg11_bn"]).backbone == "vgg11_bn"
 
 
 def test_predict_loop_reads_resizes_runs_and_reports_a_bad_file_without_stopping(tmp_path):

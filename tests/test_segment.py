@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,6 +166,7 @@ def test_damaged_copies_are_counted_skips_naming_the_file(tmp_path, data_root, c
                             "--data-dir", str(tmp_path), "--out", str(out), "--quiet"]) == 0
     values = read_eval(out)
     assert values["images"] == 9 and values["images_without_objects"] == 1
+    assert isinstance(values["images"], int) and isinstance(values["images_without_objects"], int)  # counts
     assert values["skipped: unreadable image"] == 1 and (eval_pictures(out) / "examples.png").is_file()
 
 

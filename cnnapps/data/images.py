@@ -31,7 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cnnapps.data.augment import ImageAugment
-from cnnapps.engine.config import ConfigError, option
+from cnnapps.engine.config import check_backbone, option
 
 log = logging.getLogger(__name__)
 
@@ -239,23 +239,6 @@ class ImageData:
         return aug if self.augment and aug.active else None
 
 
-def check_backbone(key: str, name: str, dim: int = 2) -> None:
-    """ConfigError naming ``key`` unless ``name`` is a registered backbone of ``dim`` spatial dimensions (with
-    the closest registered names when it is none)."""
-    from cnnapps.backbones import backbone_info, list_backbones
-
-    names = list_backbones()
-    if name not in names:
-        import difflib
-
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(list_backbones(dim=dim))}"
-        raise ConfigError(f"{key} = {name!r}: no such backbone; {hint}")
-    if backbone_info(name).dim != dim:
-        raise ConfigError(f"{key} = {name!r} is a {backbone_info(name).dim}D backbone; this task needs a {dim}D "
-                          f"one ({', '.join(list_backbones(dim=dim)[:6])}, ...)")
-
-
 @dataclass
 class ImageBackbone:
     """The ``[model]`` fields that name an image task's zoo network; task sections extend it."""
@@ -265,7 +248,7 @@ class ImageBackbone:
 
     def check(self) -> None:
         """Rules between fields, checked when a config loads (subclasses call it first)."""
-        check_backbone("model.backbone", self.backbone, dim=2)
+        check_backbone(self.backbone, "model.backbone", dim=2)
 
 
 # ---------------------------------------------------------------- predict

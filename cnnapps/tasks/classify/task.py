@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ClassifyData(ImageData):
-    """``[data]`` of the classify task."""
+    """``[data]``: which images, at what size, how they are split and augmented."""
 
     image_size: int = override(ImageData, "image_size", 0, gt=None, ge=0,
                                help="side in pixels that images are brought to (MNIST's 28 is zero-padded to 32, "
@@ -41,7 +41,7 @@ class ClassifyData(ImageData):
 
 @dataclass
 class ClassifyModel(ImageBackbone):
-    """``[model]`` of the classify task."""
+    """``[model]``: the zoo network and its input channels."""
 
     backbone: str = override(ImageBackbone, "backbone", "lenet5")
     in_chans: int = option(0, help="input channels of the network; 0: the data's (1 for MNIST, 3 for colour)",

@@ -19,10 +19,10 @@ ARCHS = ("fasterrcnn", "fcos", "maskrcnn")
 
 @dataclass
 class DetectModel(ImageBackbone):
-    """``[model]`` of the detect task: a torchvision detector over the zoo network ``backbone`` with an FPN."""
+    """``[model]``: a torchvision detector (``arch``) over the zoo network ``backbone`` with an FPN."""
 
-    arch: str = option("fasterrcnn", help="fasterrcnn, fcos (single stage) or maskrcnn (boxes and instance masks; "
-                       "needs data with masks)", choices=ARCHS)
+    arch: str = option("fasterrcnn", help="fcos is single-stage; maskrcnn adds instance masks (needs data with "
+                       "masks)", choices=ARCHS)
     out_indices: list[int] = option(help="backbone stages fed to the FPN (resnet: 2, 3, 4 are strides 8 to 32)",
                                     default_factory=lambda: [2, 3, 4])
     fpn_channels: int = option(128, help="FPN width (torchvision: 256); FCOS's GroupNorm needs a multiple of 32",

@@ -23,13 +23,15 @@ from cnnapps.tasks.detect.model import DetectModel, build_detector
 
 log = logging.getLogger(__name__)
 
+ARCH_NAMES = {"fasterrcnn": "Faster R-CNN", "fcos": "FCOS", "maskrcnn": "Mask R-CNN"}
+
 
 @dataclass
 class DetectData:
-    """``[data]`` of the detect task; see cnnapps/tasks/detect/data.py for the conventions."""
+    """``[data]``: which annotated images, and how they are split (conventions: cnnapps/tasks/detect/data.py)."""
 
-    dataset: str = option("pennfudan", help="pennfudan, voc_mini, or coco: a COCO instances JSON of one's own "
-                          "(annotations, path)", choices=DATASETS)
+    dataset: str = option("pennfudan", help="coco: a COCO instances JSON of one's own (annotations, path)",
+                          choices=DATASETS)
     path: str = option("", help="coco: the folder the JSON's file_name entries are relative to; \"\": the JSON's "
                        "folder")
     annotations: str = option("", help="coco: the instances JSON (absolute, or relative to the data root)")
@@ -112,8 +114,9 @@ class DetectTask(Task):
 
     def step(self, model: nn.Module, batch: list[dict[str, Any]], cfg: DetectConfig) -> dict[str, Any]:
         """Training: the sum of the detector's losses (the dict of parts as ``output``). Evaluation: the detections
-        as ``output`` and a loss of 0: torchvision's detectors compute losses only in training mode, and a second
-        pass per batch to get them would double the cost of every validation."""
+        as ``output`` and no loss (None, so none is reported or plotted): torchvision's detectors compute losses
+        only in training mode, and a second pass per batch to get them would double the cost of every
+        validation."""
         if model.training:
             if cfg.data.hflip:
                 flips = torch.rand(len(batch)) < 0.5  # the engine seeds torch's RNG per epoch
@@ -124,7 +127,7 @@ class DetectTask(Task):
             losses = model(images, targets)
             return {"loss": sum(losses.values()), "output": {k: v.detach() for k, v in losses.items()}}
         detections = model([_to_float(s["image"]) for s in batch])
-        return {"loss": torch.zeros((), device=batch[0]["image"].device), "output": detections}
+        return {"loss": None, "output": detections}
 
     def metrics(self, cfg: DetectConfig, data: DataSplits) -> DetectionMetrics:
         return DetectionMetrics(data.state["class_names"], masks=cfg.model.arch == "maskrcnn")
@@ -178,9 +181,8 @@ class DetectTask(Task):
         names = list(state["class_names"])
         model.eval()
         m = cfg.model
-        caption = (f"{m.arch} over {m.backbone}: detections with score >= {score_threshold:g}, after per-class "
-                   f"non-maximum suppression at IoU {m.nms_thresh:g}" + (" (masks drawn at 0.5)"
-                                                                         if m.arch == "maskrcnn" else ""))
+        rule = (f"with score \u2265 {score_threshold:g}, after non-maximum suppression at IoU {m.nms_thresh:g} per "
+                f"class" + ("; masks at probability 0.5" if m.arch == "maskrcnn" else ""))
 
         def row(path: str, image: np.ndarray, det: dict[str, torch.Tensor]) -> dict[str, Any]:
             keep = torch.nonzero(det["scores"] >= score_threshold).flatten()
@@ -192,8 +194,8 @@ class DetectTask(Task):
             if out_dir is not None:
                 picture = picture_path(out_dir, path, "_detections", single=len(inputs) == 1)
                 n = len(out["detections"])
-                save_detections(image, det, names, picture,
-                                f"{n} detection{'s' if n != 1 else ''}; {caption}")
+                save_detections(image, det, names, picture, f"{ARCH_NAMES.get(m.arch, m.arch)} over {m.backbone}: "
+                                f"{n} detection{'s' if n != 1 else ''} {rule}")
                 out["picture"] = str(picture)
             return out
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MultiLabelData(ImageData):
-    """``[data]`` of the multilabel task."""
+    """``[data]``: which labelled images, at what size, how they are split and augmented."""
 
     image_size: int = override(ImageData, "image_size", 96, gt=None, ge=16,
                                help="side in pixels that images are resized (squashed) to and cached at")
@@ -35,8 +35,8 @@ class MultiLabelData(ImageData):
     hflip: bool = override(ImageData, "hflip", True)
     crop_scale: float = override(ImageData, "crop_scale", 0.5)
     color_jitter: float = override(ImageData, "color_jitter", 0.1)
-    dataset: str = option("voc_mini", help="voc_mini, or folder: images with a labels CSV of one's own (path, "
-                          "labels_csv)", choices=("voc_mini", "folder"))
+    dataset: str = option("voc_mini", help="folder: images with a labels CSV of one's own (path, labels_csv)",
+                          choices=("voc_mini", "folder"))
     path: str = option("", help="folder: the image folder, as given or under the data root")
     labels_csv: str = option("labels.csv", help="folder: the CSV (columns file, labels[, split]), relative to path")
     val_fraction: float = option(0.15, help="share of trainval (or of the CSV's train rows) carved out for "
@@ -54,11 +54,11 @@ class MultiLabelData(ImageData):
 
 @dataclass
 class MultiLabelModel(ImageBackbone):
-    """``[model]`` of the multilabel task."""
+    """``[model]``: the zoo network, its one-logit-per-class head and the loss."""
 
     drop: float = option(0.0, help="dropout before the last linear layer", ge=0, lt=1)
     prior_bias: bool = option(True, help="start the head at the training label frequencies' log-odds")
-    loss: str = option("bce", help="bce (BCE with logits), focal (sigmoid focal loss) or asl (asymmetric loss)",
+    loss: str = option("bce", help="bce: BCE with logits; focal: sigmoid focal loss; asl: asymmetric loss",
                        choices=LOSSES)
     pos_weight: str = option("none", help="bce: balanced weighs each class's positives by its negatives/positives "
                              "(clipped at pos_weight_max)", choices=("none", "balanced"))

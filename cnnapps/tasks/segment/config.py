@@ -17,13 +17,14 @@ INSTANCE_DOOR = ("instance masks are the detect task's Mask R-CNN (box and mask 
 
 @dataclass
 class SegmentData(ImageData):
-    """``[data]`` of the segment task: ``images/<stem>.*`` with ``masks/<stem>_mask.png`` (or ``<stem>.png``)."""
+    """``[data]``: ``images/<stem>.*`` with ``masks/<stem>_mask.png`` (or ``<stem>.png``), their size, split and
+    augmentation."""
 
     image_size: int = override(ImageData, "image_size", 160, help="side in pixels that images and masks are "
                                "resized (squashed) to and cached at")
     augment: bool = override(ImageData, "augment", True)
     hflip: bool = override(ImageData, "hflip", True)
-    dataset: str = option("pennfudan", help="pennfudan, or folder: images/ and masks/ of one's own (path)",
+    dataset: str = option("pennfudan", help="folder: images/ and masks/ of one's own (path)",
                           choices=("pennfudan", "folder"))
     path: str = option("", help="folder: its location, as given or under the data root")
     mask_values: str = option("instances", help="what mask pixels hold: instances (0 background, k > 0 instance "
@@ -44,9 +45,9 @@ class SegmentData(ImageData):
 
 @dataclass
 class SegmentModel(ImageBackbone):
-    """``[model]`` of the segment task: a decoder over the backbone's ``features_only`` stages."""
+    """``[model]``: the zoo network and a decoder over its ``features_only`` stages."""
 
-    decoder: str = option("unet", help="fcn (FCN-8s style) or unet (U-Net style fusion of every stage)",
+    decoder: str = option("unet", help="fcn: FCN-8s style; unet: U-Net style fusion of every stage",
                           choices=DECODERS)
     output_stride: int = option(32, choices=(8, 16, 32), help="ResNet backbones: 16 or 8 replace the last stages' "
                                 "strides by dilation, so the decoder gets finer deep maps (at more compute)")
