@@ -32,3 +32,13 @@ def test_translation_moves_content_differently_per_example():
     cx = (y[:, 0] * xs).sum((1, 2)) / y[:, 0].sum((1, 2))
     assert cx.std() > 1.0  # centres of mass spread out: each example got its own shift
     assert (cx - 15.5).abs().max() <= 0.2 * 32 + 1  # and no shift is larger than asked for
+
+
+def test_call_is_the_warp_then_the_jitter_with_the_same_draws():
+    x = torch.randn(8, 3, 16, 16)
+    aug = ImageAugment(crop_scale=0.6, rotation=10, hflip=True, color_jitter=0.3)
+    torch.manual_seed(3)
+    whole = aug(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(whole, aug.jitter(aug.warp(x)))
+    assert ImageAugment(color_jitter=0.3).warp(x) is x and ImageAugment(hflip=True).jitter(x) is x

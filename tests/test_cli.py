@@ -53,6 +53,49 @@ def test_bad_train_values_are_one_line_errors(task, override, key, capsys, tmp_p
     assert not (tmp_path / "run").exists()  # refused before any data was read or folder made
 
 
+# (task, overrides, the key the one-line error must name, a word it must also say) for the image tasks' own fields
+IMAGE_BAD = [
+    *[(task, [override], key, None) for task in ("classify", "multilabel", "detect")
+      for override, key in (("data.val_fraction=1.5", "data.val_fraction"),
+                            ("data.val_fraction=-0.1", "data.val_fraction"),
+                            ("data.train_subset=-5", "data.train_subset"),
+                            ("data.test_subset=-1", "data.test_subset"))],
+    *[(task, [override], key, None) for task in ("classify", "multilabel", "segment")
+      for override, key in (("data.image_size=-4", "data.image_size"), ("data.crop_scale=0", "data.crop_scale"),
+                            ("data.rotation=-5", "data.rotation"), ("data.dataset=imagenet", "data.dataset"))],
+    *[(task, ["model.backbone=resnet19"], "model.backbone", "did you mean")
+      for task in ("classify", "multilabel", "detect", "segment")],
+    ("classify", ["model.backbone=resnet18_1d"], "model.backbone", "2D"),  # a 1D network on images
+    ("classify", ["model.in_chans=-1"], "model.in_chans", None),
+    ("multilabel", ["data.image_size=8"], "data.image_size", None),
+    ("multilabel", ["data.test_fraction=0"], "data.test_fraction", None),
+    ("multilabel", ["data.val_fraction=0.5", "data.test_fraction=0.6"], "data.val_fraction", None),
+    ("detect", ["data.test_fraction=1"], "data.test_fraction", None),
+    ("detect", ["model.min_size=-4"], "model.min_size", None),
+    ("detect", ["model.arch=yolo"], "model.arch", None),
+    ("detect", ["model.nms_thresh=1.5"], "model.nms_thresh", None),
+    ("segment", ["data.train_subset=-5"], "data.train_subset", None),
+    ("segment", ["data.val_count=-1"], "data.val_count", None),
+    ("segment", ["data.class_names=['background']"], "data.class_names", None),
+    ("segment", ["model.decoder=fcm"], "model.decoder", None),
+    ("segment", ["model.output_stride=4"], "model.output_stride", None),
+    ("segment", ["mode=panoptic"], "mode", None),
+    ("segment", ["mode=instance"], "mode", "detect"),  # one implementation: the detect task's Mask R-CNN
+]
+
+
+@pytest.mark.parametrize("task,overrides,key,says", IMAGE_BAD)
+def test_bad_image_values_are_one_line_errors(task, overrides, key, says, capsys, tmp_path):
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    status = task_main(task, ["train", "--out", str(tmp_path / "run"), *sets, "--quiet"])
+    err = _one_line_error(capsys, status, key)
+    if says:
+        assert says in err, err
+    if says == "did you mean":
+        assert "resnet18" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_config_files_name_the_file(tmp_path, capsys):
     assert task_main("classify", ["train", "--config", "nope"]) == 2
     err = _one_line_error(capsys, 2, "nope")

@@ -124,6 +124,36 @@ def test_classification_checkpoint_transfers_and_freezes_through_the_trainer(tmp
     assert any(h.startswith("backbone.fpn.") for h in head) and any(h.startswith("roi_heads.") for h in head)
 
 
+def test_labels_of_overlapping_boxes_never_cover_each_other():
+    from cnnapps.tasks.detect.plots import _overlap, place_labels
+
+    # five boxes on two people, nearly on top of each other (what a weak detector gives)
+    boxes = [[40, 30, 120, 230], [42, 34, 118, 226], [45, 60, 115, 200], [150, 40, 230, 235], [152, 45, 228, 230]]
+    sizes = [(70, 16)] * len(boxes)
+    corners = place_labels(boxes, sizes, 260, 260)
+    rects = [(x, y, x + w, y + h) for (x, y), (w, h) in zip(corners, sizes)]
+    assert all(0 <= r[0] and r[2] <= 260 and 0 <= r[1] and r[3] <= 260 for r in rects)
+    assert all(_overlap(a, b) == 0 for i, a in enumerate(rects) for b in rects[i + 1:]), rects
+    assert rects[0][:2] == (40, 14)  # the best detection keeps the place above its box
+
+
+def test_detection_picture_colours_each_instance_and_captions_the_rule():
+    from cnnapps.tasks.detect.plots import PALETTE, draw_detections
+
+    image = np.full((120, 160, 3), 128, np.uint8)
+    det = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 100.0], [12.0, 12.0, 62.0, 98.0]]),
+           "scores": torch.tensor([0.6, 0.9]), "labels": torch.tensor([1, 1]),
+           "masks": torch.zeros(2, 1, 120, 160)}
+    det["masks"][0, 0, 40:60, 20:40] = 1.0
+    pic = np.asarray(draw_detections(image, det, ["person"], "score >= 0.5, NMS IoU 0.5"))
+    assert pic.shape[1] == 160 and pic.shape[0] > 120  # a caption band below the photo
+    colours = {tuple(int(c) for c in px) for px in pic[:120].reshape(-1, 3)}
+    assert PALETTE[0] in colours and PALETTE[1] in colours  # two instances, two colours (best first)
+    mask_px = pic[50, 30].astype(float)
+    assert np.allclose(mask_px, 0.55 * 128 + 0.45 * np.asarray(PALETTE[1]), atol=1.5)  # the 0.6 one: 2nd colour
+    assert (pic[125:] < 100).any()  # the caption is written
+
+
 # ---------------------------------------------------------------- data on the real sets
 
 
@@ -325,6 +355,10 @@ def test_fit_evaluate_and_predict_through_the_cli(tmp_path, data_root):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"ap", "ap50", "ap75", "ap_person", "images"} <= set(metrics) and metrics["images"] == 3
+    # a detector in eval mode computes no loss: none is reported (metrics.json) or logged per epoch
+    assert "loss" not in metrics and isinstance(metrics["images"], int)
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs and not any("val_loss" in row for row in epochs) and all("train_loss" in row for row in epochs)
     assert main("detect", ["evaluate", "--checkpoint", str(run / "checkpoints/best.pt"), "--data-dir", str(root),
                            "--quiet"]) == 0
     image = root / "pennfudan/images" / f"{sorted(json.loads((root / 'pennfudan/boxes.json').read_text()))[0]}.jpg"
@@ -342,8 +376,9 @@ def test_fit_evaluate_and_predict_through_the_cli(tmp_path, data_root):
     assert status == 1 and len(rows) == 2  # one input failed
     assert "junk.jpg" in rows[1]["error"]
     picture = Path(rows[0]["picture"])
-    with Image.open(picture) as im, Image.open(image) as orig:
-        assert im.format == "PNG" and im.size == orig.size
+    assert rows[0]["input"] == str(image) and "picture" not in rows[1]
+    with Image.open(picture) as im, Image.open(image) as orig:  # the photo, with the caption in a band below
+        assert im.format == "PNG" and im.width == orig.width and im.height > orig.height
     for d in rows[0]["detections"]:
         assert d["label"] == "person" and 0.0 <= d["score"] <= 1.0 and len(d["box"]) == 4
         assert 0 <= d["box"][0] <= d["box"][2] <= orig.size[0]

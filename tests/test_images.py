@@ -1,5 +1,6 @@
 """Image and mask reading on real files and damaged copies: every failure names the file; the array cache is
-built once, rebuilt on change, and a killed build leaves nothing behind."""
+built once, rebuilt on change, and a killed build leaves nothing behind; the config fields and the predict loop
+the image tasks share."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnapps.data.images import (ImageReadError, MaskSizeError, cached_arrays, files_fingerprint, read_image,
-                                 read_mask, resize_image, resize_mask)
+import torch
+
+from cnnapps.data.images import (ImageBackbone, ImageData, ImageReadError, MaskSizeError, cached_arrays,
+                                 files_fingerprint, override, predict_images, read_image, read_mask, resize_image,
+                                 resize_mask)
+from cnnapps.engine.config import ConfigError, load_config
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +126,59 @@ def test_cache_builds_once_rebuilds_on_change_and_a_killed_build_leaves_nothing(
     assert not other.exists()
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_a_task_section_overrides_a_shared_default_and_keeps_its_meaning():
+    from dataclasses import dataclass, fields
+
+    @dataclass
+    class Mine(ImageData):
+        augment: bool = override(ImageData, "augment", True)
+        image_size: int = override(ImageData, "image_size", 0, gt=None, ge=0)
+
+    meta = {f.name: f.metadata for f in fields(Mine)}
+    assert Mine().augment and meta["augment"]["help"] == {f.name: f.metadata for f in fields(ImageData)}[
+        "augment"]["help"]
+    assert load_config(Mine, None, ["image_size=0"]).image_size == 0  # 0 allowed here, not in ImageData
+    with pytest.raises(ConfigError, match="image_size = 0: must be > 0"):
+        load_config(ImageData, None, ["image_size=0"])
+    with pytest.raises(ConfigError, match="crop_scale = 1.5: must be > 0 and <= 1"):
+        load_config(Mine, None, ["crop_scale=1.5"])
+
+
+def test_augmentation_is_built_only_when_asked_for_and_set():
+    assert ImageData().augmentation() is None
+    assert ImageData(augment=True).augmentation() is None  # on, but nothing to do
+    assert ImageData(augment=False, hflip=True).augmentation() is None
+    aug = ImageData(augment=True, hflip=True, rotation=5).augmentation()
+    assert aug is not None and aug.hflip and aug.rotation == 5 and aug.crop_scale == 1.0
+
+
+def test_an_image_model_section_refuses_an_unknown_or_1d_backbone_naming_the_key():
+    with pytest.raises(ConfigError, match=r"backbone = 'resnet19': no such backbone; did you mean resnet18"):
+        load_config(ImageBackbone, None, ["backbone=resnet19"])
+    with pytest.raises(ConfigError, match="backbone = 'resnet18_1d': a 1D backbone, this task needs a 2D one"):
+        load_config(ImageBackbone, None, ["backbone=resnet18_1d"])
+    assert load_config(ImageBackbone, None, ["backbone=vgg11_bn"]).backbone == "vgg11_bn"
+
+
+def test_predict_loop_reads_resizes_runs_and_reports_a_bad_file_without_stopping(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((30, 50, 3), 7, np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    seen = []
+
+    def run(x):
+        seen.append((tuple(x.shape), x.dtype))
+        return x.float().mean()
+
+    rows = list(predict_images([str(bad), str(good)], run, lambda p, img, out: {"mean": float(out),
+                                                                                 "shape": list(img.shape)},
+                               torch.device("cpu"), size=16))
+    assert rows[0]["input"] == str(bad) and "bad.png" in rows[0]["error"] and len(rows[0]) == 2
+    assert rows[1] == {"input": str(good), "mean": 7.0, "shape": [30, 50, 3]}  # the row sees the original image
+    assert seen == [((1, 3, 16, 16), torch.uint8)]
+    rows = list(predict_images([str(good)], lambda x: x.shape, lambda p, img, out: {"shape": list(out)},
+                               torch.device("cpu"), prepare=lambda img: torch.zeros(1, 1, 4, 4)))
+    assert rows[0]["shape"] == [1, 1, 4, 4]

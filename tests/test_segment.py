@@ -1,13 +1,13 @@
 """Semantic segmentation on real Penn-Fudan: decoders over several backbones, IoU/Dice from a hand-checked
 confusion, joint image/mask augmentation, the seeded split, bad input in damaged copies (counted skips naming
-the file, empty masks kept and counted), a fit that beats all-background, predict's overlay, and transfer from
-a multi-label checkpoint with frozen stages."""
+the file, empty masks kept and counted), bad config values refused at load, a fit that beats all-background,
+predict's pictures (truth beside prediction where a mask exists), and transfer from a multi-label checkpoint
+with frozen stages."""
 from __future__ import annotations
 
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +24,8 @@ from cnnapps.metrics.segmentation import IGNORE_INDEX, SegmentationMetrics, conf
 from cnnapps.tasks.cli import main
 from cnnapps.tasks.segment.config import SegmentData
 from cnnapps.tasks.segment.data import split_stems
-from cnnapps.tasks.segment.semantic import augment_pair, dice_loss
-from cnnapps.tasks.segment.task import SegmentConfig, SegmentTask
-from conftest import ci_config, read_eval, eval_pictures
+from cnnapps.tasks.segment.task import SegmentConfig, SegmentTask, augment_pair, dice_loss
+from conftest import ci_config, eval_pictures, read_eval
 
 
 @pytest.fixture(autouse=True)
@@ -93,8 +92,8 @@ def test_augmentation_moves_image_and_mask_together():
     mask = torch.zeros(4, 16, 16, dtype=torch.long)
     mask[:, 2:9, 3:7] = 1
     x = mask[:, None].float().repeat(1, 3, 1, 1) * 2 - 1  # the image shows the mask
-    d = SegmentData(hflip=True, crop_scale=0.5, rotation=10)
-    xa, ma = augment_pair(x, mask, d, 2)
+    augment = SegmentData(hflip=True, crop_scale=0.5, rotation=10).augmentation()
+    xa, ma = augment_pair(x, mask, augment, 2)
     inside = ma != IGNORE_INDEX
     agree = ((xa[:, 0] > 0).long() == ma)[inside].float().mean()
     assert agree > 0.97 and set(ma.unique().tolist()) <= {0, 1, IGNORE_INDEX}
@@ -104,6 +103,9 @@ def test_split_is_seeded_disjoint_and_stable_when_a_file_breaks():
     stems = [f"img{i:03d}" for i in range(170)]
     s = split_stems(stems, 20, 30, seed=0)
     assert [len(s[k]) for k in ("train", "val", "test")] == [120, 20, 30]
+    fewer = split_stems(stems, 20, 30, seed=0, train_subset=30, test_subset=10)
+    assert set(fewer["train"]) <= set(s["train"]) and set(fewer["test"]) <= set(s["test"])
+    assert (len(fewer["train"]), fewer["val"], len(fewer["test"])) == (30, s["val"], 10)
     assert not (set(s["train"]) & set(s["val"]) or set(s["train"]) & set(s["test"]) or set(s["val"]) & set(s["test"]))
     assert split_stems(list(reversed(stems)), 20, 30, seed=0) == s
     assert split_stems(stems, 20, 30, seed=1) != s
@@ -120,7 +122,7 @@ def test_penn_fudan_semantic_data(data_root):
     item = data.train[0]
     assert item["x"].shape == (3, 64, 64) and item["mask"].shape == (64, 64)
     assert set(np.unique(data.train.masks[:]).tolist()) == {0, 1}
-    assert data.state["mode"] == "semantic" and data.state["images_without_objects"] == 0
+    assert data.state["images_without_objects"] == 0
 
 
 def _penn_copy(data_root, dest, n=12):
@@ -164,6 +166,7 @@ def test_damaged_copies_are_counted_skips_naming_the_file(tmp_path, data_root, c
                             "--data-dir", str(tmp_path), "--out", str(out), "--quiet"]) == 0
     values = read_eval(out)
     assert values["images"] == 9 and values["images_without_objects"] == 1
+    assert isinstance(values["images"], int) and isinstance(values["images_without_objects"], int)  # counts
     assert values["skipped: unreadable image"] == 1 and (eval_pictures(out) / "examples.png").is_file()
 
 
@@ -175,12 +178,18 @@ def test_mask_with_labels_outside_the_classes_is_an_error_naming_it(tmp_path, da
         SegmentTask().build_data(cfg, tmp_path)  # Penn-Fudan's instance 2 is no class id of 2 classes
 
 
-def test_unknown_mode_and_backbone_are_config_errors(data_root):
-    with pytest.raises(ConfigError, match="unknown segmentation mode 'panoptic'"):
-        SegmentTask().build_data(_cfg("mode=panoptic"), data_root)
-    data = SegmentTask().build_data(_cfg("data.image_size=32"), data_root)
-    with pytest.raises(ConfigError, match="not a 2D backbone"):
-        SegmentTask().build_model(_cfg("model.backbone=resnet18_1d"), data)
+def test_bad_values_are_one_line_errors_when_the_config_loads(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="mode = 'panoptic': choose one of semantic, instance"):
+        _cfg("mode=panoptic")
+    with pytest.raises(ConfigError, match="1D backbone"):
+        _cfg("model.backbone=resnet18_1d")
+    with pytest.raises(ConfigError, match="data.class_names .* needs the background"):
+        _cfg("data.class_names=[\"person\"]")
+    # instance masks have one implementation, the detect task's Mask R-CNN: the old mode says where it is
+    assert main("segment", ["train", "--set", "mode=instance", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "detect train --config ci_maskrcnn" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- training, predict, transfer
@@ -206,22 +215,33 @@ def test_fit_beats_all_background(fitted, data_root, meets_floor):
     assert v["iou_person"] > 0.3, v
     assert v["mIoU"] > base["mIoU"] + 0.05, (v["mIoU"], base["mIoU"])
     meets_floor("segment", v)
-    for name in ("examples.png", "pixel_confusion.png", "data_summary.json", "checkpoints/best.pt"):
-        assert (run / name).is_file(), name
+    written = {"examples.png", "pixel_confusion.png", "data_summary.json", "checkpoints/best.pt"}
+    assert not {n for n in written if not (run / n).is_file()}
 
 
 @pytest.mark.slow
-def test_predict_writes_the_overlay_and_the_person_fraction(fitted, data_root, tmp_path, capsys):
+def test_predict_draws_truth_beside_prediction_where_a_mask_exists(fitted, data_root, tmp_path, capsys):
     run, _ = fitted
+    ckpt = str(run / "checkpoints" / "best.pt")
     image = data_root / "pennfudan" / "images" / "FudanPed00001.jpg"
-    assert main("segment", ["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(image),
-                            "--out", str(tmp_path), "--quiet"]) == 0
+    assert main("segment", ["predict", "--checkpoint", ckpt, str(image), "--out", str(tmp_path), "--quiet"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    overlay = Image.open(row["overlay"])
-    assert overlay.size == Image.open(image).size and row["overlay"].endswith("FudanPed00001_overlay.png")
-    assert 0.02 < row["person_fraction"] < 0.6
-    assert main("segment", ["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--data-dir",
-                            str(data_root), "--quiet"]) == 0
+    assert row["input"] == str(image) and row["picture"].endswith("FudanPed00001_overlay.png")
+    assert row["truth"] == str(data_root / "pennfudan" / "masks" / "FudanPed00001_mask.png")
+    assert 0.3 < row["iou_person"] <= 1 and 0.02 < row["person_fraction"] < 0.6
+    with Image.open(row["picture"]) as pic, Image.open(image) as photo:
+        assert pic.width > pic.height  # two panels side by side
+    # a photo of one's own has no mask: the overlay alone, at the photo's size
+    alone = tmp_path / "mine" / "photo.jpg"
+    alone.parent.mkdir()
+    shutil.copy(image, alone)
+    assert main("segment", ["predict", "--checkpoint", ckpt, str(alone), "--out", str(tmp_path / "o"),
+                            "--quiet"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "truth" not in row and "iou_person" not in row
+    with Image.open(row["picture"]) as pic, Image.open(image) as photo:
+        assert pic.size == photo.size
+    assert main("segment", ["evaluate", "--checkpoint", ckpt, "--data-dir", str(data_root), "--quiet"]) == 0
 
 
 def test_transfer_from_a_multilabel_checkpoint_loads_the_backbone_and_freezes_stages(tmp_path, data_root):
@@ -250,44 +270,3 @@ def test_transfer_from_a_multilabel_checkpoint_loads_the_backbone_and_freezes_st
     extra = SegmentTask().bench_extra(cfg, data_root)
     assert extra["init"] == "transferred" and extra["init_task"] == "multilabel"
     assert extra["init_backbone"] == "resnet18"
-
-
-# ---------------------------------------------------------------- instance mode (Mask R-CNN through the detect task)
-
-
-def test_instance_mode_translates_its_config_and_names_bad_keys():
-    from cnnapps.tasks.segment.instance import detect_config
-
-    cfg = load_config(SegmentConfig, SegmentTask.config_dir() / "instance.toml", [])
-    d = detect_config(cfg)
-    assert (d.model.arch, d.model.backbone, d.model.min_size, d.data.dataset) == ("maskrcnn", "resnet18", 192,
-                                                                                  "pennfudan")
-    assert d.train.monitor == "mask_ap50" and d.train.epochs == cfg.train.epochs
-    with pytest.raises(ConfigError, match=r"\[instance\].*min_sizes"):
-        detect_config(_cfg("mode=instance", "instance.model.min_sizes=3"))
-    with pytest.raises(ConfigError, match="unknown table.*decoder"):
-        detect_config(_cfg("mode=instance", "instance.decoder.x=1"))
-    with pytest.raises(ConfigError, match="train.monitor"):
-        SegmentTask().build_data(_cfg("mode=instance"), Path("."))
-
-
-@pytest.mark.slow
-def test_instance_mode_fits_scores_mask_ap_and_predicts(tmp_path, data_root, capsys):
-    config = SegmentTask.config_dir() / "instance.toml"
-    small = ["--set", "train.epochs=1", "--set", "instance.data.train_subset=8", "--set",
-             "instance.data.val_subset=2", "--set", "instance.data.test_subset=4", "--set",
-             "instance.model.min_size=128", "--set", "instance.model.max_size=192"]
-    assert main("segment", ["train", "--config", str(config), "--out", str(tmp_path / "run"), "--data-dir",
-                            str(data_root), "--quiet", *small]) == 0
-    test = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    flat = json.dumps(test)
-    assert "mask_ap50" in flat and "ap50" in flat
-    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
-    assert ck["data_state"]["mode"] == "instance"
-    image = data_root / "pennfudan" / "images" / "FudanPed00001.jpg"
-    capsys.readouterr()
-    assert main("segment", ["predict", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "best.pt"),
-                            str(image), "--out", str(tmp_path / "pred"), "--score-threshold", "0.0",
-                            "--quiet"]) == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert Path(row["picture"]).is_file() and isinstance(row["detections"], list)

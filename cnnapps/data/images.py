@@ -1,4 +1,6 @@
-"""Safe image and mask reading for the image tasks, and a prepared-array cache so an epoch decodes no JPEG.
+"""What the image tasks (classify, multilabel, segment, detect) share: safe image and mask reading, a
+prepared-array cache so an epoch decodes no JPEG, the config fields of their splits, augmentation and backbone,
+and the per-image loop of their ``predict``.
 
 The reading API is small on purpose (other tasks import it):
 
@@ -11,6 +13,7 @@ Pixels are returned as stored: EXIF orientation is not applied, so an image and 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,12 +21,17 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
+
+from cnnapps.data.augment import ImageAugment
+from cnnapps.engine.config import check_backbone, option
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +197,90 @@ def cached_arrays(folder: Path, build: Callable[[], tuple[dict[str, np.ndarray],
     index = json.loads(index_path.read_text())
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in index.pop("arrays")}
     return arrays, index
+
+
+# ---------------------------------------------------------------- config fields the image tasks share
+
+
+def override(cls: type, name: str, default: Any, **changes: Any) -> Any:
+    """Field ``name`` of the dataclass ``cls`` with another default and, where given, other option metadata
+    (``help``, ``ge``, ...; None removes a bound): how a task's section keeps a shared field's meaning but sets
+    its own default, e.g. ``augment: bool = override(ImageData, "augment", True)``."""
+    base = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=default, metadata={**base.metadata, **changes})
+
+
+@dataclass
+class ImageData:
+    """The ``[data]`` fields of an image task's split and training augmentation; the classify, multilabel and
+    segment sections extend it with their sources (and ``override`` its defaults)."""
+
+    image_size: int = option(96, help="side in pixels that images are resized (squashed) to", gt=0)
+    split_seed: int = option(0, help="seed of the train/val/test split, apart from train.seed so that runs with "
+                             "other seeds see the same split (soups, seed studies)")
+    train_subset: int = option(0, help="keep only the first N training images of the seeded order (quick runs); "
+                               "0: all", ge=0)
+    test_subset: int = option(0, help="score only N test images, drawn with split_seed; 0: all", ge=0)
+    augment: bool = option(False, help="random geometry and colour per training batch, as the fields below set")
+    hflip: bool = option(False, help="augment: mirror left-right with probability 1/2")
+    crop_scale: float = option(1.0, help="augment: random-resized crop that keeps at least this fraction of the "
+                               "area; 1: no crop", gt=0, le=1)
+    translate: float = option(0.0, help="augment: random shift up to this fraction of the image size, per axis",
+                              ge=0, lt=1)
+    rotation: float = option(0.0, help="augment: random rotation up to this many degrees either way", ge=0, le=180)
+    color_jitter: float = option(0.0, help="augment: strength of random brightness, contrast and saturation",
+                                 ge=0, lt=1)
+
+    def augmentation(self) -> ImageAugment | None:
+        """The per-batch training augmentation these fields ask for; None when ``augment`` is off or sets
+        nothing."""
+        aug = ImageAugment(crop_scale=self.crop_scale, translate=self.translate, rotation=self.rotation,
+                           hflip=self.hflip, color_jitter=self.color_jitter)
+        return aug if self.augment and aug.active else None
+
+
+@dataclass
+class ImageBackbone:
+    """The ``[model]`` fields that name an image task's zoo network; task sections extend it."""
+
+    backbone: str = option("resnet18", help="the zoo network, a 2D one (`python -m cnnapps list`)")
+    kwargs: dict = option(help="extra keyword arguments of the backbone (e.g. width)", default_factory=dict)
+
+    def check(self) -> None:
+        """Rules between fields, checked when a config loads (subclasses call it first)."""
+        check_backbone(self.backbone, "model.backbone", dim=2)
+
+
+# ---------------------------------------------------------------- predict
+
+
+def image_batch(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> a batch of one, (1, 3, H, W) uint8."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+
+
+def predict_images(inputs: Sequence[str], run: Callable[[torch.Tensor], Any],
+                   row: Callable[[str, np.ndarray, Any], dict[str, Any]], device: torch.device,
+                   size: int | None = None, prepare: Callable[[np.ndarray], torch.Tensor] | None = None
+                   ) -> Iterator[dict[str, Any]]:
+    """The per-image loop of the image tasks' ``predict``. Each input is read (RGB); a file that cannot be read
+    yields ``{"input": path, "error": message}`` and the loop goes on. The image becomes a batch of one:
+    ``prepare(image)`` where a task prepares its own, else resized to ``size`` x ``size`` (kept as it is for
+    None) as (1, 3, S, S) uint8. ``run(batch on device)`` runs under inference mode, and the loop yields
+    ``{"input": path, **row(path, image, output)}``.
+
+    That is the project's predict schema: ``input`` (the file as given), ``picture`` (the image a task wrote,
+    where it wrote one), ``error`` (a failure), and the task's fields beside them."""
+    for path in inputs:
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            yield {"input": path, "error": str(exc)}
+            continue
+        if prepare is not None:
+            x = prepare(image)
+        else:
+            x = image_batch(resize_image(image, size) if size else image)
+        with torch.inference_mode():
+            output = run(x.to(device))
+        yield {"input": path, **row(path, image, output)}

@@ -51,7 +51,7 @@ class ClassificationMetrics(Metric):
             return {"accuracy": float("nan")}
         labels = list(range(len(self.class_names)))
         prec, rec, f1, _ = precision_recall_fscore_support(y, p, labels=labels, zero_division=0)
-        out = {"accuracy": float((y == p).mean()), "macro_f1": float(f1.mean()), "examples": float(len(y))}
+        out = {"accuracy": float((y == p).mean()), "macro_f1": float(f1.mean()), "examples": len(y)}
         if self.topk:
             out[f"top{self.topk}"] = self._topk_hits / len(y)
         for name, pr, rc, f in zip(self.class_names, prec, rec, f1):

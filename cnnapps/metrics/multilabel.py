@@ -145,7 +145,7 @@ class MultiLabelMetrics(Metric):
                # any constant score per class (e.g. its training frequency) has AP = the class's prevalence
                "constant_predictor_mAP": float(np.mean((counted.sum(0) / np.maximum((mask > 0).sum(0), 1))[present]))
                if present.any() else float("nan"),
-               "examples": float(len(y)), "classes_scored": float(present.sum())}
+               "examples": len(y), "classes_scored": int(present.sum())}
         # thresholds stay out of the values (they live in state and in the report's thresholds.json)
         for name, a, f in zip(self.class_names, ap, f1):
             out[f"ap_{name}"] = float(a)

@@ -81,8 +81,8 @@ class SegmentationMetrics(Metric):
         iou, dice = s["iou"], s["dice"]
         out = {"mIoU": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
                "mDice": float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan"),
-               "pixel_accuracy": s["pixel_accuracy"], "images": float(self._images),
-               "images_without_objects": float(self._empty)}
+               "pixel_accuracy": s["pixel_accuracy"], "images": self._images,
+               "images_without_objects": self._empty}
         for name, i, d in zip(self.class_names, iou, dice):
             out[f"iou_{name}"] = float(i)
             out[f"dice_{name}"] = float(d)

@@ -10,15 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from cnnapps.data.cifar10 import prepare_cifar10
+from cnnapps.data.images import IMAGE_SUFFIXES, read_image, resize_image
 from cnnapps.data.root import DataNotFoundError, require_path
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -71,14 +69,10 @@ def load_cifar10(root: Path) -> RawData:
 
 
 def _read_image_file(path: Path, size: int) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable image ({exc})") from None
+    """(size, size, 3) uint8 RGB (the file's own size for ``size`` 0); ValueError (ImageReadError) naming the file
+    when it cannot be read."""
+    image = read_image(path)
+    return resize_image(image, size) if size else image
 
 
 def _scan_class_tree(folder: Path, size: int, class_names: list[str] | None,

@@ -12,40 +12,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnapps.data.augment import ImageAugment
-from cnnapps.engine.config import ConfigError, TrainConfig
+from cnnapps.data.images import ImageBackbone, ImageData, override, predict_images
+from cnnapps.engine.config import ConfigError, TrainConfig, option
 from cnnapps.engine.plots import plot_confusion
 from cnnapps.metrics.classification import ClassificationMetrics
 from cnnapps.engine.task import DataSplits, Task, TaskConfig
 from cnnapps.tasks.classify.explain import ClassifyExplain
-from cnnapps.tasks.classify.data import (ArraySplit, ImageArrayDataset, RawData, _read_image_file, fit_to_size, load_cifar10,
+from cnnapps.tasks.classify.data import (ArraySplit, ImageArrayDataset, RawData, fit_to_size, load_cifar10,
                                          load_digits_sklearn, load_folder, load_mnist, to_float_chw)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ClassifyData:
-    dataset: str = "mnist"  # mnist | cifar10 | digits | folder
-    path: str = ""  # folder: the image tree (train/ and test/ sub-folders, or <class>/ folders)
-    image_size: int = 0  # 0: the backbone's default input size
-    val_fraction: float = 0.1  # carved from the training split at random (seeded by split_seed)
-    split_seed: int = 0  # the split does not follow train.seed: runs with other seeds see the same split (soups)
-    train_subset: int = 0  # use only the first N training examples after shuffling (CI); 0: all
-    test_subset: int = 0
-    augment: bool = False
-    crop_scale: float = 1.0  # RandomResizedCrop lower scale bound; 1.0: off
-    hflip: bool = False
-    translate: float = 0.0  # RandomAffine fraction of the image size
-    rotation: float = 0.0  # degrees
-    color_jitter: float = 0.0
+class ClassifyData(ImageData):
+    """``[data]``: which images, at what size, how they are split and augmented."""
+
+    image_size: int = override(ImageData, "image_size", 0, gt=None, ge=0,
+                               help="side in pixels that images are brought to (MNIST's 28 is zero-padded to 32, "
+                               "other sizes resized); 0: the backbone's default input size")
+    dataset: str = option("mnist", help="the data set: digits is scikit-learn's 8x8 digits, folder an image tree of "
+                          "one's own (path)", choices=("mnist", "cifar10", "digits", "folder"))
+    path: str = option("", help="folder: the image tree (train/ and test/ sub-folders, or <class>/ folders), as "
+                       "given or under the data root")
+    val_fraction: float = option(0.1, help="share of the training split carved out at random (seeded by "
+                                 "split_seed) for validation; 0: none", ge=0, lt=1)
 
 
 @dataclass
-class ClassifyModel:
-    backbone: str = "lenet5"
-    in_chans: int = 0  # 0: the data's channel count
-    kwargs: dict = field(default_factory=dict)  # extra keyword arguments of the backbone
+class ClassifyModel(ImageBackbone):
+    """``[model]``: the zoo network and its input channels."""
+
+    backbone: str = override(ImageBackbone, "backbone", "lenet5")
+    in_chans: int = option(0, help="input channels of the network; 0: the data's (1 for MNIST, 3 for colour)",
+                           ge=0)
 
 
 @dataclass
@@ -78,12 +78,6 @@ def _load_raw(cfg: ClassifyConfig, root: Path, size: int, class_names: list[str]
         return load_folder(path if path.is_absolute() or path.exists() else root / path, size, cfg.data.split_seed,
                            class_names=class_names)
     raise ConfigError(f"data.dataset: unknown {name!r} (mnist, cifar10, digits, folder)")
-
-
-def _augmentation(d: ClassifyData) -> ImageAugment | None:
-    aug = ImageAugment(crop_scale=d.crop_scale, translate=d.translate, rotation=d.rotation, hflip=d.hflip,
-                       color_jitter=d.color_jitter)
-    return aug if d.augment and aug.active else None
 
 
 class ClassifyTask(ClassifyExplain, Task):  # explain hooks: tasks/classify/explain.py
@@ -140,7 +134,7 @@ class ClassifyTask(ClassifyExplain, Task):  # explain hooks: tasks/classify/expl
 
     def step(self, model: nn.Module, batch: Any, cfg: ClassifyConfig) -> dict[str, Any]:
         x, y = batch
-        augment = _augmentation(cfg.data) if model.training else None
+        augment = cfg.data.augmentation() if model.training else None
         if augment is not None:
             x = augment(x)
         out = model(x)
@@ -161,19 +155,18 @@ class ClassifyTask(ClassifyExplain, Task):  # explain hooks: tasks/classify/expl
 
     def predict(self, model: nn.Module, inputs: list[str], state: dict, cfg: ClassifyConfig,
                 device: torch.device, **kw: Any) -> Iterator[dict]:
+        """One row per image: the top ``label`` with its ``probability`` and the ``top`` five [label, p]."""
         size, in_chans = int(state["image_size"]), int(state["in_chans"])
         mean = torch.as_tensor(state["mean"]).view(1, -1, 1, 1)
         std = torch.as_tensor(state["std"]).view(1, -1, 1, 1)
         names = list(state["class_names"])
-        for path in inputs:
-            try:
-                img = _read_image_file(Path(path), 0)
-            except ValueError as exc:
-                yield {"input": path, "error": str(exc)}
-                continue
-            x = (fit_to_size(to_float_chw(img[None], in_chans), size) - mean) / std
-            with torch.inference_mode():
-                prob = torch.softmax(model(x.to(device)).float(), 1)[0].cpu()
-            top = prob.topk(min(5, len(names)))
-            yield {"input": path, "label": names[int(top.indices[0])], "probability": round(float(top.values[0]), 4),
-                   "top": [[names[int(i)], round(float(p), 4)] for p, i in zip(top.values, top.indices)]}
+
+        def prepare(image: np.ndarray) -> torch.Tensor:  # as build_data prepares the training images
+            return (fit_to_size(to_float_chw(image[None], in_chans), size) - mean) / std
+
+        def row(path: str, image: np.ndarray, prob: torch.Tensor) -> dict[str, Any]:
+            top = prob[0].cpu().topk(min(5, len(names)))
+            return {"label": names[int(top.indices[0])], "probability": round(float(top.values[0]), 4),
+                    "top": [[names[int(i)], round(float(p), 4)] for p, i in zip(top.values, top.indices)]}
+
+        return predict_images(inputs, lambda x: torch.softmax(model(x).float(), 1), row, device, prepare=prepare)

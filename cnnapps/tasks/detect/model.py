@@ -1,7 +1,7 @@
 """Detectors over our backbones: torchvision's Faster R-CNN, FCOS and Mask R-CNN on a FeaturePyramidBackbone."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN
@@ -10,42 +10,56 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from cnnapps.engine.config import ConfigError
+from cnnapps.data.images import ImageBackbone
+from cnnapps.engine.config import ConfigError, option
 from cnnapps.heads.fpn import FeaturePyramidBackbone
 
 ARCHS = ("fasterrcnn", "fcos", "maskrcnn")
 
 
 @dataclass
-class DetectModel:
-    """``[model]`` of the detect task."""
+class DetectModel(ImageBackbone):
+    """``[model]``: a torchvision detector (``arch``) over the zoo network ``backbone`` with an FPN."""
 
-    arch: str = "fasterrcnn"  # fasterrcnn | fcos | maskrcnn (instance masks; needs data with masks)
-    backbone: str = "resnet18"  # any 2D zoo network with features_only
-    kwargs: dict = field(default_factory=dict)  # extra keyword arguments of the backbone
-    out_indices: list[int] = field(default_factory=lambda: [2, 3, 4])  # stages fed to the FPN (resnet: strides 8-32)
-    fpn_channels: int = 128  # FPN width (torchvision: 256); FCOS's GroupNorm needs a multiple of 32
-    min_size: int = 320  # images are resized so the short side is min_size ...
-    max_size: int = 512  # ... unless the long side would pass max_size (torchvision's rule)
-    anchor_sizes: list[int] = field(default_factory=list)  # one base size per pyramid level; []: 4 x its stride
-    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width (R-CNN anchors)
-    box_head_size: int = 256  # R-CNN: width of the two-layer box head (torchvision: 1024)
-    rpn_proposals_train: int = 1000  # R-CNN: proposals kept after NMS per image in training ...
-    rpn_proposals_test: int = 500  # ... and in evaluation (torchvision: 2000 / 1000)
-    roi_batch_size: int = 128  # R-CNN: sampled RoIs per image for the box loss (torchvision: 512)
-    head_convs: int = 4  # FCOS: conv layers in each head branch
-    score_thresh: float = 0.05  # detections below this score are dropped before NMS
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
+    arch: str = option("fasterrcnn", help="fcos is single-stage; maskrcnn adds instance masks (needs data with "
+                       "masks)", choices=ARCHS)
+    out_indices: list[int] = option(help="backbone stages fed to the FPN (resnet: 2, 3, 4 are strides 8 to 32)",
+                                    default_factory=lambda: [2, 3, 4])
+    fpn_channels: int = option(128, help="FPN width (torchvision: 256); FCOS's GroupNorm needs a multiple of 32",
+                               ge=1)
+    min_size: int = option(320, help="images are resized so that the short side is min_size ...", gt=0)
+    max_size: int = option(512, help="... unless the long side would pass max_size (torchvision's rule)", gt=0)
+    anchor_sizes: list[int] = option(help="one anchor base size per pyramid level; []: 4 x its stride "
+                                     "(FCOS: the stride)", ge=1, default_factory=list)
+    aspect_ratios: list[float] = option(help="R-CNN anchors: height / width ratios", gt=0,
+                                        default_factory=lambda: [0.5, 1.0, 2.0])
+    box_head_size: int = option(256, help="R-CNN: width of the two-layer box head (torchvision: 1024)", ge=1)
+    rpn_proposals_train: int = option(1000, help="R-CNN: proposals kept after NMS per image in training ...", ge=1)
+    rpn_proposals_test: int = option(500, help="... and in evaluation (torchvision: 2000 / 1000)", ge=1)
+    roi_batch_size: int = option(128, help="R-CNN: sampled RoIs per image for the box loss (torchvision: 512)",
+                                 ge=1)
+    head_convs: int = option(4, help="FCOS: conv layers in each head branch", ge=0)
+    score_thresh: float = option(0.05, help="detections below this score are dropped before NMS", ge=0, lt=1)
+    nms_thresh: float = option(0.5, help="non-maximum suppression: of two boxes of a class overlapping by more "
+                               "than this IoU, the lower-scored one goes", gt=0, le=1)
+    detections_per_img: int = option(100, help="detections kept per image, highest scores first", ge=1)
+
+    def check(self) -> None:
+        """Rules between fields, checked when a config loads."""
+        super().check()
+        if not self.out_indices:
+            raise ConfigError("model.out_indices = []: the FPN needs at least one backbone stage")
+        if self.max_size < self.min_size:
+            raise ConfigError(f"model.max_size = {self.max_size}: must be >= model.min_size ({self.min_size})")
+        if self.arch == "fcos" and self.fpn_channels % 32:
+            raise ConfigError(f"model.fpn_channels = {self.fpn_channels}: FCOS's GroupNorm (32 groups) needs a "
+                              "multiple of 32")
 
 
 def pyramid_backbone(cfg: DetectModel, extra_block: str) -> FeaturePyramidBackbone:
     """Our zoo network ``cfg.backbone`` (features_only, ``cfg.out_indices``) under an FPN of ``cfg.fpn_channels``."""
-    from cnnapps.backbones import backbone_info, create_backbone
+    from cnnapps.backbones import create_backbone
 
-    info = backbone_info(cfg.backbone)
-    if info.dim != 2:
-        raise ConfigError(f"model.backbone: {cfg.backbone!r} is {info.dim}D; detection needs a 2D backbone")
     body = create_backbone(cfg.backbone, features_only=True, out_indices=list(cfg.out_indices), **cfg.kwargs)
     return FeaturePyramidBackbone(body, cfg.fpn_channels, extra_block)
 

@@ -11,34 +11,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnapps.data.images import picture_path
-from cnnapps.data.root import DataNotFoundError
+from cnnapps.data.images import picture_path, predict_images
 from cnnapps.engine.checkpoint import init_facts
-from cnnapps.engine.config import ConfigError, TrainConfig
+from cnnapps.engine.config import ConfigError, TrainConfig, option
 from cnnapps.engine.plots import save_figure
 from cnnapps.metrics.detection import DetectionMetrics
 from cnnapps.engine.task import DataSplits, Task, TaskConfig
-from cnnapps.tasks.detect.data import (DATASETS, DetectionDataset, ImageCache, UnreadableImageError, build_cache,
-                                       collate_detection, hflip_sample, read_rgb, read_source, split_indices)
+from cnnapps.tasks.detect.data import (DATASETS, DetectionDataset, ImageCache, build_cache, collate_detection,
+                                       hflip_sample, read_source, split_indices)
 from cnnapps.tasks.detect.model import DetectModel, build_detector
 
 log = logging.getLogger(__name__)
 
+ARCH_NAMES = {"fasterrcnn": "Faster R-CNN", "fcos": "FCOS", "maskrcnn": "Mask R-CNN"}
+
 
 @dataclass
 class DetectData:
-    """``[data]`` of the detect task; see cnnapps/tasks/detect/data.py for the conventions."""
+    """``[data]``: which annotated images, and how they are split (conventions: cnnapps/tasks/detect/data.py)."""
 
-    dataset: str = "pennfudan"  # pennfudan | voc_mini | coco (a COCO instances JSON a user brings)
-    path: str = ""  # coco: the folder the JSON's file_name entries are relative to (default: the JSON's folder)
-    annotations: str = ""  # coco: the instances JSON (absolute, or relative to the data root)
-    split_seed: int = 0  # seeded split of Penn-Fudan / COCO folders, and of validation out of training images
-    test_fraction: float = 0.2  # Penn-Fudan / COCO: share of images held out for test (VOC-mini: splits/test.txt)
-    val_fraction: float = 0.15  # share of the remaining training images used for validation
-    train_subset: int = 0  # keep only the first N training images of the seeded order (CI); 0: all
-    val_subset: int = 0
-    test_subset: int = 0
-    hflip: bool = True  # training: mirror image, boxes and masks with probability 1/2
+    dataset: str = option("pennfudan", help="coco: a COCO instances JSON of one's own (annotations, path)",
+                          choices=DATASETS)
+    path: str = option("", help="coco: the folder the JSON's file_name entries are relative to; \"\": the JSON's "
+                       "folder")
+    annotations: str = option("", help="coco: the instances JSON (absolute, or relative to the data root)")
+    split_seed: int = option(0, help="seed of the Penn-Fudan / COCO split and of validation out of the training "
+                             "images, apart from train.seed")
+    test_fraction: float = option(0.2, help="Penn-Fudan / COCO: share of the images held out for test (VOC-mini: "
+                                  "splits/test.txt)", gt=0, lt=1)
+    val_fraction: float = option(0.15, help="share of the remaining training images used for validation; 0: none",
+                                 ge=0, lt=1)
+    train_subset: int = option(0, help="keep only the first N training images of the seeded order (quick runs); "
+                               "0: all", ge=0)
+    val_subset: int = option(0, help="validate on N of the validation images; 0: all", ge=0)
+    test_subset: int = option(0, help="score only N test images; 0: all", ge=0)
+    hflip: bool = option(True, help="training: mirror image, boxes and masks with probability 1/2")
 
 
 @dataclass
@@ -62,48 +69,10 @@ def _to_float(image: torch.Tensor) -> torch.Tensor:
     return image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
 
 
-def _palette(k: int) -> tuple[int, int, int]:
-    colours = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-               (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-               (0, 0, 128), (128, 128, 128)]
-    return colours[k % len(colours)]
-
-
-def draw_detections(image: torch.Tensor, det: dict[str, torch.Tensor], class_names: list[str]) -> torch.Tensor:
-    """(3, H, W) uint8 image with ``det``'s boxes, "<class> <score>" labels and (if present) masks drawn on it."""
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-
-    labels = [int(v) for v in det["labels"]]
-    colours = [_palette(k - 1) for k in labels]
-    out = image
-    if "masks" in det and len(labels):
-        out = draw_segmentation_masks(out, det["masks"][:, 0] > 0.5, alpha=0.45, colors=colours)
-    if len(labels):
-        text = [f"{class_names[k - 1] if 0 < k <= len(class_names) else k} {float(s):.2f}"
-                for k, s in zip(labels, det["scores"])]
-        size, font = max(12, image.shape[-2] // 32), _label_font()
-        out = draw_bounding_boxes(out, det["boxes"], labels=text, colors=colours, width=max(2, size // 6),
-                                  font=font, font_size=size if font else None, fill_labels=True,
-                                  label_colors="white", label_background_colors=colours)
-    return out
-
-
-def _label_font() -> str | None:
-    """A TrueType font for readable labels (matplotlib ships DejaVu Sans); None: PIL's tiny bitmap font."""
-    try:
-        from matplotlib import font_manager
-
-        return font_manager.findfont("DejaVu Sans", fallback_to_default=False)
-    except (ImportError, ValueError):
-        return None
-
-
 class DetectTask(Task):
     name = "detect"
     Config = DetectConfig
     monitor = "ap50"
-    monitor_mode = "max"
 
     # ---- data
     def _cache(self, cfg: DetectConfig, data_root: Path) -> ImageCache:
@@ -145,8 +114,9 @@ class DetectTask(Task):
 
     def step(self, model: nn.Module, batch: list[dict[str, Any]], cfg: DetectConfig) -> dict[str, Any]:
         """Training: the sum of the detector's losses (the dict of parts as ``output``). Evaluation: the detections
-        as ``output`` and a loss of 0: torchvision's detectors compute losses only in training mode, and a second
-        pass per batch to get them would double the cost of every validation."""
+        as ``output`` and no loss (None, so none is reported or plotted): torchvision's detectors compute losses
+        only in training mode, and a second pass per batch to get them would double the cost of every
+        validation."""
         if model.training:
             if cfg.data.hflip:
                 flips = torch.rand(len(batch)) < 0.5  # the engine seeds torch's RNG per epoch
@@ -157,7 +127,7 @@ class DetectTask(Task):
             losses = model(images, targets)
             return {"loss": sum(losses.values()), "output": {k: v.detach() for k, v in losses.items()}}
         detections = model([_to_float(s["image"]) for s in batch])
-        return {"loss": torch.zeros((), device=batch[0]["image"].device), "output": detections}
+        return {"loss": None, "output": detections}
 
     def metrics(self, cfg: DetectConfig, data: DataSplits) -> DetectionMetrics:
         return DetectionMetrics(data.state["class_names"], masks=cfg.model.arch == "maskrcnn")
@@ -202,28 +172,31 @@ class DetectTask(Task):
     def predict(self, model: nn.Module, inputs: list[str], state: dict, cfg: DetectConfig,
                 device: torch.device, out_dir: Path | None = None, score_threshold: float = 0.5,
                 **kw: Any) -> Iterator[dict]:
-        """One dict per input: ``detections`` (label, score, box x1 y1 x2 y2 in the file's pixels) and, with
-        ``out_dir``, ``picture``: ``<out_dir>/<stem>_detections.png`` (or ``out_dir`` itself when it names a .png
-        and there is one input) with boxes, labels, scores (and masks) drawn."""
-        from torchvision.io import write_png
+        """One row per input: ``detections`` (label, score, box x1 y1 x2 y2 in the file's pixels) at or above
+        ``score_threshold``, highest score first, and, with ``out_dir``, ``picture``:
+        ``<out_dir>/<stem>_detections.png`` (or ``out_dir`` itself when it names a .png and there is one input)
+        with them drawn, one colour per detection, and a caption saying what is shown."""
+        from cnnapps.tasks.detect.plots import save_detections
 
         names = list(state["class_names"])
         model.eval()
-        for path in inputs:
-            try:
-                image = torch.from_numpy(read_rgb(Path(path))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-            except (UnreadableImageError, DataNotFoundError) as exc:
-                yield {"input": path, "error": str(exc)}
-                continue
-            with torch.inference_mode():
-                det = model([_to_float(image).to(device)])[0]
-            keep = det["scores"] >= score_threshold
+        m = cfg.model
+        rule = (f"with score \u2265 {score_threshold:g}, after non-maximum suppression at IoU {m.nms_thresh:g} per "
+                f"class" + ("; masks at probability 0.5" if m.arch == "maskrcnn" else ""))
+
+        def row(path: str, image: np.ndarray, det: dict[str, torch.Tensor]) -> dict[str, Any]:
+            keep = torch.nonzero(det["scores"] >= score_threshold).flatten()
+            keep = keep[torch.argsort(det["scores"][keep], descending=True)]
             det = {k: v[keep].cpu() for k, v in det.items()}
-            row: dict[str, Any] = {"input": path, "detections": [
+            out: dict[str, Any] = {"detections": [
                 {"label": names[int(k) - 1], "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}
                 for k, s, b in zip(det["labels"], det["scores"], det["boxes"])]}
             if out_dir is not None:
                 picture = picture_path(out_dir, path, "_detections", single=len(inputs) == 1)
-                write_png(draw_detections(image, det, names), str(picture))
-                row["picture"] = str(picture)
-            yield row
+                n = len(out["detections"])
+                save_detections(image, det, names, picture, f"{ARCH_NAMES.get(m.arch, m.arch)} over {m.backbone}: "
+                                f"{n} detection{'s' if n != 1 else ''} {rule}")
+                out["picture"] = str(picture)
+            return out
+
+        return predict_images(inputs, lambda x: model([_to_float(x[0])])[0], row, device)

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnapps.data.augment import ImageAugment
-from cnnapps.data.images import ImageReadError, channel_stats, picture_path, read_image, resize_image
+from cnnapps.data.images import ImageBackbone, ImageData, channel_stats, override, picture_path, predict_images
 from cnnapps.engine.callbacks import Callback
-from cnnapps.engine.config import ConfigError, TrainConfig
+from cnnapps.engine.config import ConfigError, TrainConfig, option
 from cnnapps.engine.task import DataSplits, Task, TaskConfig, unwrap
 from cnnapps.metrics.multilabel import MultiLabelMetrics
 from cnnapps.tasks.multilabel.data import (LabelledImages, MultiLabelImages, decode_images, load_label_csv,
@@ -27,38 +26,49 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class MultiLabelData:
-    dataset: str = "voc_mini"  # voc_mini | folder
-    path: str = ""  # folder: the image folder (as given, else under the data root)
-    labels_csv: str = "labels.csv"  # folder: the CSV (file,labels[,split]); relative to `path`
-    image_size: int = 96  # images are resized (squashed) to image_size x image_size and cached as uint8
-    val_fraction: float = 0.15  # carved from trainval (or the CSV's train rows): thresholds are chosen here
-    test_fraction: float = 0.2  # folder CSV without a split column: the seeded test part
-    split_seed: int = 0  # val/test carving; apart from train.seed so runs with other seeds share one split
-    train_subset: int = 0  # keep only the first N training images after shuffling (CI); 0: all
-    test_subset: int = 0
-    augment: bool = True
-    hflip: bool = True
-    crop_scale: float = 0.5  # random-resized-crop lower area bound; 1.0: off
-    translate: float = 0.0
-    rotation: float = 0.0
-    color_jitter: float = 0.1
+class MultiLabelData(ImageData):
+    """``[data]``: which labelled images, at what size, how they are split and augmented."""
+
+    image_size: int = override(ImageData, "image_size", 96, gt=None, ge=16,
+                               help="side in pixels that images are resized (squashed) to and cached at")
+    augment: bool = override(ImageData, "augment", True)
+    hflip: bool = override(ImageData, "hflip", True)
+    crop_scale: float = override(ImageData, "crop_scale", 0.5)
+    color_jitter: float = override(ImageData, "color_jitter", 0.1)
+    dataset: str = option("voc_mini", help="folder: images with a labels CSV of one's own (path, labels_csv)",
+                          choices=("voc_mini", "folder"))
+    path: str = option("", help="folder: the image folder, as given or under the data root")
+    labels_csv: str = option("labels.csv", help="folder: the CSV (columns file, labels[, split]), relative to path")
+    val_fraction: float = option(0.15, help="share of trainval (or of the CSV's train rows) carved out for "
+                                 "validation, where the per-class thresholds are chosen; 0: none (thresholds "
+                                 "stay 0.5)", ge=0, lt=1)
+    test_fraction: float = option(0.2, help="folder CSV without a split column: the seeded share held out for "
+                                  "test", gt=0, lt=1)
+
+    def check(self) -> None:
+        """The seeded val and test parts of a CSV without splits must leave training images."""
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g}"
+                              ": must be < 1 (the rest is the training split)")
 
 
 @dataclass
-class MultiLabelModel:
-    backbone: str = "resnet18"
-    kwargs: dict = field(default_factory=dict)  # extra keyword arguments of the backbone
-    drop: float = 0.0  # dropout before the last linear layer
-    prior_bias: bool = True  # start the head at the training label frequencies' log-odds
-    loss: str = "bce"  # bce | focal | asl
-    pos_weight: str = "none"  # bce: none | balanced (negatives/positives per class, clipped)
-    pos_weight_max: float = 10.0
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.25  # < 0: no class balancing term
-    asl_gamma_neg: float = 4.0
-    asl_gamma_pos: float = 0.0
-    asl_clip: float = 0.05
+class MultiLabelModel(ImageBackbone):
+    """``[model]``: the zoo network, its one-logit-per-class head and the loss."""
+
+    drop: float = option(0.0, help="dropout before the last linear layer", ge=0, lt=1)
+    prior_bias: bool = option(True, help="start the head at the training label frequencies' log-odds")
+    loss: str = option("bce", help="bce: BCE with logits; focal: sigmoid focal loss; asl: asymmetric loss",
+                       choices=LOSSES)
+    pos_weight: str = option("none", help="bce: balanced weighs each class's positives by its negatives/positives "
+                             "(clipped at pos_weight_max)", choices=("none", "balanced"))
+    pos_weight_max: float = option(10.0, help="bce with pos_weight = balanced: the largest weight", ge=1)
+    focal_gamma: float = option(2.0, help="focal: focusing exponent", ge=0)
+    focal_alpha: float = option(0.25, help="focal: weight of positives; < 0: no class balancing term", le=1)
+    asl_gamma_neg: float = option(4.0, help="asl: focusing exponent of negatives", ge=0)
+    asl_gamma_pos: float = option(0.0, help="asl: focusing exponent of positives", ge=0)
+    asl_clip: float = option(0.05, help="asl: probability shift that makes easy negatives count for nothing",
+                             ge=0, lt=1)
 
 
 @dataclass
@@ -125,12 +135,6 @@ def _split_rows(src: LabelledImages, d: MultiLabelData, split: str | None
     return train, val, test
 
 
-def _augmentation(d: MultiLabelData) -> ImageAugment | None:
-    aug = ImageAugment(crop_scale=d.crop_scale, translate=d.translate, rotation=d.rotation, hflip=d.hflip,
-                       color_jitter=d.color_jitter)
-    return aug if d.augment and aug.active else None
-
-
 class CalibrateThresholds(Callback):
     """After each validation pass, the per-class thresholds that maximise F1 on the validation images become the
     model's (its ``thresholds`` buffer), so the checkpoint of every epoch carries the thresholds chosen with
@@ -147,14 +151,11 @@ class MultiLabelTask(Task):
     name = "multilabel"
     Config = MultiLabelConfig
     monitor = "mAP"
-    monitor_mode = "max"
 
     def build_data(self, cfg: MultiLabelConfig, data_root: Path, state: dict | None = None,
                    split: str | None = None) -> DataSplits:
         d = cfg.data
         size = int(state["image_size"]) if state else d.image_size
-        if size < 16:
-            raise ConfigError(f"data.image_size must be at least 16, got {size}")
         src = _load_source(cfg, Path(data_root), list(state["class_names"]) if state else None, split)
         images, kept, skipped = decode_images(src.files, size, d.dataset)
         skipped.update(src.skipped)
@@ -179,8 +180,6 @@ class MultiLabelTask(Task):
                          "pos_weight": balanced_pos_weight(t, m, cfg.model.pos_weight_max)
                          if cfg.model.pos_weight == "balanced" else None,
                          "split_sizes": {"train": len(train), "val": len(val), "test": len(test)}}
-        if cfg.model.pos_weight not in ("none", "balanced"):
-            raise ConfigError(f"model.pos_weight: unknown {cfg.model.pos_weight!r} (none, balanced)")
         # Validation images choose the thresholds (calib): after each validation pass the CalibrateThresholds
         # callback keeps them in the model, so every checkpoint (best.pt too) holds its own epoch's thresholds
         # and the test pass and predict apply them.
@@ -192,12 +191,8 @@ class MultiLabelTask(Task):
                           skipped=dict(skipped))
 
     def build_model(self, cfg: MultiLabelConfig, data: DataSplits) -> nn.Module:
-        from cnnapps.backbones import backbone_info, create_backbone
+        from cnnapps.backbones import create_backbone
 
-        if backbone_info(cfg.model.backbone).dim != 2:
-            raise ConfigError(f"model.backbone: {cfg.model.backbone} is not a 2D backbone")
-        if cfg.model.loss not in LOSSES:
-            raise ConfigError(f"model.loss: unknown {cfg.model.loss!r} ({', '.join(LOSSES)})")
         s = data.state
         backbone = create_backbone(cfg.model.backbone, num_classes=0, in_chans=3, **cfg.model.kwargs)
         return MultiLabelNet(backbone, len(s["class_names"]), s["mean"], s["std"], drop=cfg.model.drop,
@@ -207,7 +202,7 @@ class MultiLabelTask(Task):
     def step(self, model: nn.Module, batch: Any, cfg: MultiLabelConfig) -> dict[str, Any]:
         net = unwrap(model)
         x = net.prepare(batch["x"])
-        augment = _augmentation(cfg.data) if model.training else None
+        augment = cfg.data.augmentation() if model.training else None
         if augment is not None:
             x = augment(x)
         logits = model(x)
@@ -252,23 +247,20 @@ class MultiLabelTask(Task):
         size = int(state["image_size"])
         net = unwrap(model)
         thresholds = net.thresholds.cpu().numpy().astype(float)
-        for path in inputs:
-            try:
-                img = read_image(path)
-            except ImageReadError as exc:
-                yield {"input": path, "error": str(exc)}
-                continue
-            x = torch.from_numpy(np.ascontiguousarray(resize_image(img, size).transpose(2, 0, 1)))[None]
-            with torch.inference_mode():
-                prob = torch.sigmoid(model(net.prepare(x.to(device))).float())[0].cpu().numpy()
+        drawing = draw or (out_dir is not None and Path(out_dir).suffix.lower() == ".png")
+
+        def row(path: str, image: np.ndarray, prob: torch.Tensor) -> dict[str, Any]:
+            prob = prob[0].cpu().numpy()
             order = np.argsort(-prob)
-            labels = {names[i]: round(float(prob[i]), 4) for i in order if prob[i] >= thresholds[i]}
-            row: dict[str, Any] = {"input": path, "labels": labels,
-                                   "top": [names[int(order[0])], round(float(prob[order[0]]), 4)]}
-            if draw or (out_dir is not None and Path(out_dir).suffix.lower() == ".png"):
+            out: dict[str, Any] = {
+                "labels": {names[i]: round(float(prob[i]), 4) for i in order if prob[i] >= thresholds[i]},
+                "top": [names[int(order[0])], round(float(prob[order[0]]), 4)]}
+            if drawing:
                 from cnnapps.tasks.multilabel.plots import draw_prediction
 
                 target = picture_path(out_dir, path, "_labels", len(inputs) == 1)
-                draw_prediction(img, names, prob, thresholds, target)
-                row["picture"] = str(target)
-            yield row
+                draw_prediction(image, names, prob, thresholds, target)
+                out["picture"] = str(target)
+            return out
+
+        return predict_images(inputs, lambda x: torch.sigmoid(model(net.prepare(x)).float()), row, device, size=size)

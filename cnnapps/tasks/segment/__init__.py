@@ -1,1 +1,2 @@
-"""Segmentation: semantic (FCN / U-Net decoders on any 2D backbone) and instance modes, on Penn-Fudan."""
+"""Semantic segmentation: FCN / U-Net decoders on any 2D backbone, on Penn-Fudan or a folder of masks (instance
+masks are the detect task's Mask R-CNN)."""

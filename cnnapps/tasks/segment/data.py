@@ -1,5 +1,5 @@
-"""Segmentation data shared by the modes: image/mask pairs of Penn-Fudan (or a folder laid out like it) and the
-seeded train/val/test split of their stems; the semantic mode's cached class-id masks."""
+"""Segmentation data: image/mask pairs of Penn-Fudan (or a folder laid out like it), the seeded train/val/test
+split of their stems, and the cached class-id masks."""
 from __future__ import annotations
 
 import logging
@@ -36,26 +36,35 @@ class Pair:
     mask: Path | None
 
 
+def find_mask(image: str | Path) -> Path | None:
+    """The mask of ``<folder>/images/<stem>.*``: ``<folder>/masks/<stem>_mask.png`` (Penn-Fudan) or
+    ``<stem>.png``, whichever exists; None when neither does."""
+    image = Path(image)
+    mask_dir = image.parent.parent / "masks"
+    return next((c for c in (mask_dir / f"{image.stem}_mask.png", mask_dir / f"{image.stem}.png") if c.is_file()),
+                None)
+
+
 def find_pairs(folder: Path) -> list[Pair]:
-    """Images in ``folder/images`` and masks in ``folder/masks`` named ``<stem>_mask.png`` (Penn-Fudan) or
-    ``<stem>.png``, sorted by stem. A missing ``images/`` folder is a DataNotFoundError naming it."""
-    image_dir, mask_dir = folder / "images", folder / "masks"
+    """Images in ``folder/images`` with their masks (``find_mask``), sorted by stem. A missing ``images/`` folder
+    is a DataNotFoundError naming it."""
+    image_dir = folder / "images"
     if not image_dir.is_dir():
         raise DataNotFoundError(f"image folder not found: {image_dir} (expected images/ and masks/ in {folder})")
     pairs = []
     for img in sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        candidates = [mask_dir / f"{img.stem}_mask.png", mask_dir / f"{img.stem}.png"]
-        pairs.append(Pair(img.stem, img, next((c for c in candidates if c.is_file()), None)))
+        pairs.append(Pair(img.stem, img, find_mask(img)))
     if not pairs:
         raise DataNotFoundError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return pairs
 
 
 def split_stems(stems: Sequence[str], val_count: int, test_count: int, seed: int,
-                train_subset: int = 0) -> dict[str, list[str]]:
+                train_subset: int = 0, test_subset: int = 0) -> dict[str, list[str]]:
     """Seeded split of example stems into ``train``/``val``/``test`` (``test_count`` first, then ``val_count``
     from one permutation of the sorted stems). Every stem is placed before any bad example is dropped, so a
-    damaged file never moves the others to another split. ``train_subset`` keeps the first N training stems."""
+    damaged file never moves the others to another split. ``train_subset`` and ``test_subset`` keep the first N
+    training and test stems of that permutation (0: all)."""
     order = [sorted(stems)[i] for i in np.random.default_rng(seed).permutation(len(stems))]
     if val_count + test_count >= len(order):
         raise ValueError(f"val_count {val_count} + test_count {test_count} leave no training examples of "
@@ -63,6 +72,8 @@ def split_stems(stems: Sequence[str], val_count: int, test_count: int, seed: int
     test, val, train = order[:test_count], order[test_count:test_count + val_count], order[test_count + val_count:]
     if train_subset:
         train = train[:train_subset]
+    if test_subset:
+        test = test[:test_subset]
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
 
 

@@ -1,4 +1,5 @@
-"""Segmentation pictures: a mask overlay on a photo (predict) and image / truth / prediction rows (report)."""
+"""Segmentation pictures: a mask overlay on a photo, the ground truth beside the prediction (predict), and image /
+truth / prediction rows (report)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,6 +39,26 @@ def save_overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, out_pn
     """Write the overlay of ``labels`` (H, W) on ``image`` (H, W, 3) as a PNG at the image's own size."""
     Image.fromarray(overlay(image, labels, num_classes, alpha)).save(out_png)
     return out_png
+
+
+def save_comparison(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, class_names: Sequence[str],
+                    out_png: Path, alpha: float = 0.5, iou: dict[str, float] | None = None) -> Path:
+    """The ground truth (H, W) and the prediction (H, W) of one image (H, W, 3) uint8, each overlaid on it, side
+    by side, with a legend of the class colours and, in the prediction's title, its per-class IoU (``iou``)."""
+    k = len(class_names)
+    h, w = truth.shape
+    panel = 4.8
+    fig, axes = plt.subplots(1, 2, figsize=(2 * panel, panel * h / w + 0.5))
+    scores = ", ".join(f"{n} IoU {v:.2f}" for n, v in (iou or {}).items() if np.isfinite(v))
+    for ax, labels, title in ((axes[0], truth, "ground truth"),
+                              (axes[1], pred, "prediction" + (f" ({scores})" if scores else ""))):
+        ax.imshow(overlay(image, labels, k, alpha))
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    colours = class_colours(k)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i] / 255) for i in range(1, k)]
+    axes[0].legend(handles, list(class_names[1:]), loc="upper right", fontsize=8, framealpha=0.8)
+    return save_figure(fig, out_png, dpi=100)
 
 
 def plot_examples(examples: Sequence[tuple[np.ndarray | None, np.ndarray, np.ndarray]], class_names: Sequence[str],
