@@ -91,7 +91,7 @@ def test_cli_train_evaluate_predict(tmp_path, data_root, capsys):
     assert evaluated["accuracy"] == pytest.approx(trained["accuracy"])  # same 256 test digits, same weights
 
     with np.load(data_root / "mnist" / "mnist.npz") as z:
-        img, label = z["x_test"][0], int(z["y_test"][0])
+        img = z["x_test"][0]
     png = tmp_path / "digit.png"
     Image.fromarray(img).save(png)
     broken = tmp_path / "broken.png"

@@ -17,7 +17,6 @@ from cnnapps.engine.checkpoint import load_checkpoint, save_checkpoint
 from cnnapps.engine.config import load_config
 from cnnapps.tasks import get_task, list_tasks
 from cnnapps.tasks.cli import main as task_main
-from conftest import REPO
 
 class NotATensor:
     """Pickled by reference: loading it would import and run code from this module."""

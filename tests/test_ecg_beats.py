@@ -18,7 +18,7 @@ from cnnapps.engine.task import DataSplits
 from cnnapps.engine.trainer import fit
 from cnnapps.tasks.ecg.beats import (IGNORE, RR_FEATURES, SCORED, BeatCutter, BeatDataset, BeatMetrics,
                                      classify_beats, cut_window, record_beats, rr_features)
-from cnnapps.tasks.ecg.prepare import MITDB_DS2, PrepParams, folder_source, mitdb_source, prepare, prepare_source
+from cnnapps.tasks.ecg.prepare import MITDB_DS2, PrepParams, mitdb_source, prepare
 from cnnapps.tasks.ecg.qrs import QRSDetectionError, detect_r_peaks, score_detections
 from cnnapps.tasks.ecg.task import ECGConfig, ECGTask
 

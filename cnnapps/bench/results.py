@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 from cnnapps.engine.config import dumps_toml
-from cnnapps.engine.runinfo import REPO_ROOT, results_dir
+from cnnapps.engine.runinfo import REPO_ROOT
 
 FLOORS = REPO_ROOT / "results" / "floors.toml"
 

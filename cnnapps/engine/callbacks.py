@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from cnnapps.engine.checkpoint import load_matching_weights, save_checkpoint
-from cnnapps.engine.config import ConfigError, TrainConfig
+from cnnapps.engine.config import ConfigError
 from cnnapps.engine.runinfo import load_average, run_facts
 from cnnapps.engine.state import FitResult, FitState
 from cnnapps.metrics.base import headline
