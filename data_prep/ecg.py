@@ -112,6 +112,22 @@ def _record_list(root: str, folder: Path, sub: str, timeout: float, depth: int =
     return out
 
 
+def _fetch_checked(root: str, folder: Path, files: list[str], timeout: float, name: str, every: int,
+                   also_checked: set[str] = frozenset()) -> None:
+    """Fetch ``files`` (paths relative to ``root``) into ``folder``, logging progress every ``every`` files, then
+    check them and ``also_checked`` against the mirror's SHA256SUMS.txt when it has one (a warning when not)."""
+    for i, fname in enumerate(files, 1):
+        _fetch(f"{root}/{fname}", folder / fname, timeout)
+        if i % every == 0:
+            log.info("%s: %d/%d files", name, i, len(files))
+    try:
+        sums = _fetch(f"{root}/SHA256SUMS.txt", folder / "SHA256SUMS.txt", timeout)
+    except ECGDataError:
+        log.warning("%s: no SHA256SUMS.txt at %s; files not verified", name, root)
+    else:
+        _check_sums(folder, sums, set(files) | set(also_checked))
+
+
 def download_cinc2021(dest: str | Path, base_url: str = PHYSIONET, timeout: float = 60.0) -> Path:
     """Fetch the PhysioNet/CinC Challenge 2021 training records (``challenge-2021/1.0.3``: every record listed by
     its RECORDS files, ``.hea`` and ``.mat``) into ``dest/cinc2021`` and check them against the project's
@@ -122,17 +138,8 @@ def download_cinc2021(dest: str | Path, base_url: str = PHYSIONET, timeout: floa
     names = _record_list(root, folder, "", timeout)
     if not names:
         raise ECGDataError(f"{root}/RECORDS lists no records")
-    files = [f"{n}.{ext}" for n in names for ext in ("hea", "mat")]
-    for i, fname in enumerate(files, 1):
-        _fetch(f"{root}/{fname}", folder / fname, timeout)
-        if i % 2000 == 0:
-            log.info("cinc2021: %d/%d files", i, len(files))
-    try:
-        sums = _fetch(f"{root}/SHA256SUMS.txt", folder / "SHA256SUMS.txt", timeout)
-    except ECGDataError:
-        log.warning("cinc2021: no SHA256SUMS.txt at %s; files not verified", root)
-    else:
-        _check_sums(folder, sums, set(files))
+    _fetch_checked(root, folder, [f"{n}.{ext}" for n in names for ext in ("hea", "mat")], timeout, "cinc2021",
+                   every=2000)
     log.info("cinc2021: %d records in %s", len(names), folder)
     return folder
 
@@ -186,19 +193,9 @@ def download_physionet(dataset: str, dest: str | Path, base_url: str = PHYSIONET
     root = f"{_base_url(base_url)}/{PHYSIONET_PATHS[dataset]}"
     if dataset == "mitdb":
         folder = dest / "mitdb"
-        records = _fetch(f"{root}/RECORDS", folder / "RECORDS", timeout)
-        names = [n.strip() for n in records.read_text().splitlines() if n.strip()]
-        files = [f"{n}.{ext}" for n in names for ext in ("hea", "dat", "atr")]
-        for i, fname in enumerate(files, 1):
-            _fetch(f"{root}/{fname}", folder / fname, timeout)
-            if i % 30 == 0:
-                log.info("mitdb: %d/%d files", i, len(files))
-        try:
-            sums = _fetch(f"{root}/SHA256SUMS.txt", folder / "SHA256SUMS.txt", timeout)
-        except ECGDataError:
-            log.warning("mitdb: no SHA256SUMS.txt at %s; files not verified", root)
-        else:
-            _check_sums(folder, sums, set(files) | {"RECORDS"})
+        names = _record_list(root, folder, "", timeout)
+        _fetch_checked(root, folder, [f"{n}.{ext}" for n in names for ext in ("hea", "dat", "atr")], timeout,
+                       "mitdb", every=30, also_checked={"RECORDS"})
         return folder
     folder = dest / "cinc2017"
     if not (folder / "training2017" / "RECORDS").is_file():
