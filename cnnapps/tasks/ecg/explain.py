@@ -3,7 +3,6 @@ a biosignal view with per-step outputs, records read with the leads the model wa
 ``predict``."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnapps.tasks.ecg.leads import parse_leads
-from cnnapps.tasks.ecg.prepare import PrepParams, RecordSkip, prepare_signals, read_leads
+from cnnapps.tasks.ecg.prepare import PrepParams, RecordSkip, read_for_model
 from cnnapps.understand.views import ExplainSamples, ExplainView, LoadedInput, pad_to_steps, split_dataset
-
-log = logging.getLogger(__name__)
 
 
 class ECGExplain:
@@ -45,18 +41,9 @@ class ECGExplain:
         ``max_seconds`` from ``start_s`` (0: the whole record; attribution over a half-hour record takes minutes).
         ``x``: (1, leads, T) padded to whole steps; ``display``: (T,) for one lead, (T, leads) for several."""
         params: PrepParams = view.extra["params"]
-        chans = view.input_shape[0]
-        record = str(Path(path).with_suffix("")) if Path(path).suffix in (".hea", ".dat", ".mat") else path
         try:
-            wanted = parse_leads(lead) if lead else list(view.extra["leads"])
-            if wanted and len(wanted) != chans:
-                raise RecordSkip("lead_not_found", f"--lead {lead}: the model reads {chans} lead(s) "
-                                 f"({', '.join(view.channel_names) or 'the first ECG signal'})")
-            raw, fs_in, choice = read_leads(Path(record), wanted, substitute=not lead)
-            if choice.substituted:
-                log.warning("%s has no lead %s; read %s in its place", record, ", ".join(choice.substituted),
-                            ", ".join(choice.substituted.values()))
-            x, _ = prepare_signals(raw, fs_in, params, record, choice.names)  # (time, leads)
+            _, _, fs_in, choice, x = read_for_model(path, list(view.extra["leads"]), view.input_shape[0], lead,
+                                                   params)  # (time, leads)
         except RecordSkip as exc:
             raise ValueError(f"{path}: {exc.reason}: {exc}") from None
         except ValueError as exc:  # a --lead list that repeats a lead

@@ -417,6 +417,28 @@ def prepare_signals(x: np.ndarray, fs_in: float, params: PrepParams, where: str,
     return (out[0][:, None] if len(out) == 1 else np.stack(out, axis=1)), filled
 
 
+def read_for_model(path: str, model_leads: list[str], n_leads: int, lead: str | None, params: PrepParams
+                   ) -> tuple[str, np.ndarray, float, LeadChoice, np.ndarray]:
+    """One WFDB record (path with or without .hea/.dat/.mat) as ``predict`` and ``explain`` read it for a model
+    of ``n_leads`` leads: (record path without suffix, raw (time, leads) in physical units, its fs, the lead
+    choice, prepared (time', leads) float32). The model's leads (``model_leads``; [] for its first ECG signal)
+    stand in for themselves where a record has them, another ECG signal in place of a missing one with a
+    warning; ``lead`` (comma-separated names) reads those instead, which must be there. RecordSkip when the
+    record or its leads are unusable (``lead_not_found`` for a count the model does not read); ValueError for a
+    ``lead`` list that repeats a lead."""
+    record = str(Path(path).with_suffix("")) if Path(path).suffix in (".hea", ".dat", ".mat") else path
+    wanted = parse_leads(lead) if lead else list(model_leads)
+    if wanted and len(wanted) != n_leads:
+        raise RecordSkip("lead_not_found", f"--lead {lead}: the model reads {n_leads} lead(s) "
+                         f"({', '.join(model_leads) or 'the first ECG signal'})")
+    raw, fs_in, choice = read_leads(Path(record), wanted, substitute=not lead)
+    if choice.substituted:
+        log.warning("%s has no lead %s; read %s in its place", record, ", ".join(choice.substituted),
+                    ", ".join(choice.substituted.values()))
+    x, _ = prepare_signals(raw, fs_in, params, record, choice.names)
+    return record, raw, fs_in, choice, x
+
+
 def clean_rhythm(aux: str) -> str:
     """``'(AFIB\\x00'`` -> ``'AFIB'``: MIT-BIH aux notes carry a NUL terminator on most but not all lines."""
     return aux.replace("\x00", "").strip().lstrip("(").strip()

@@ -535,7 +535,7 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
         beat_counts {class: n} and beats [{time_s, class, p}], one per R-peak detected
         (``cnnapps.tasks.ecg.beats.classify_beats``). ``answers``: a file of ``record,label`` lines, written when
         every input has been read."""
-        from cnnapps.tasks.ecg.prepare import prepare_signals, read_leads
+        from cnnapps.tasks.ecg.prepare import read_for_model
 
         if answers is not None and state["target"] == "beats":
             raise ConfigError("--answers: a beats model labels beats, not records")
@@ -546,20 +546,11 @@ class ECGTask(ECGExplain, Task):  # explain hooks: tasks/ecg/explain.py
         model.eval()
         lines: list[str] = []
         for path in _expand_records(inputs):
-            record = str(Path(path).with_suffix("")) if Path(path).suffix in (".hea", ".dat", ".mat") else path
             try:
-                wanted = parse_leads(lead) if lead else _model_leads(state)
-                if wanted and len(wanted) != max(1, int(state.get("n_leads") or state.get("in_chans", 1))):
-                    raise RecordSkip("lead_not_found", f"--lead {lead}: the model reads {state.get('in_chans')} "
-                                     f"lead(s) ({', '.join(_model_leads(state))})")
-                # the training leads stand in for themselves where a record has them; a lead named on the
-                # command line must be there
-                raw, fs_in, choice = read_leads(Path(record), wanted, substitute=not lead)
-                if choice.substituted:
-                    log.warning("%s has no lead %s; read %s in its place", record, ", ".join(choice.substituted),
-                                ", ".join(choice.substituted.values()))
+                record, raw, fs_in, choice, x = read_for_model(
+                    path, _model_leads(state), max(1, int(state.get("n_leads") or state.get("in_chans", 1))),
+                    lead, params)
                 lead_name = choice.names[0]
-                x, _ = prepare_signals(raw, fs_in, params, record, choice.names)
             except (RecordSkip, ValueError) as exc:  # ValueError: a --lead list that repeats a lead
                 yield {"input": path, "error": f"{getattr(exc, 'reason', 'bad_lead')}: {exc}"}
                 continue
