@@ -19,6 +19,21 @@ def _data_root() -> Path | None:
 DATA_ROOT = _data_root()
 
 
+def _fsdd_dir() -> Path | None:
+    """FSDD's recordings folder where the package finds its data root, else None."""
+    from cnnapps.data.root import DataNotFoundError, find_data_root
+
+    try:
+        folder = find_data_root() / "fsdd" / "recordings"
+    except DataNotFoundError:
+        return None
+    return folder if folder.is_dir() else None
+
+
+FSDD = _fsdd_dir()
+needs_fsdd = pytest.mark.skipif(FSDD is None, reason="FSDD not found: set CNNAPPS_DATA to the shared data folder")
+
+
 def ci_config(task, *overrides: str):
     """``task``'s benchmark config (its shipped ``ci`` config, found as ``bench`` finds it), so a test fits exactly what
     ``bench`` measures."""

@@ -9,23 +9,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from cnnapps.data.root import DataNotFoundError, find_data_root
 from cnnapps.tasks.audio import data as audio_data
 from cnnapps.tasks.audio.data import (AudioReadError, ClipDataset, SplitLists, build_clip_datasets, decode_files,
                                       fix_length, iter_audio_blocks, list_class_folders, list_fsdd, read_audio,
                                       split_fsdd_speaker, split_fsdd_usual, split_stratified)
 
-
-def _fsdd_dir() -> Path | None:
-    try:
-        folder = find_data_root() / "fsdd" / "recordings"
-    except DataNotFoundError:
-        return None
-    return folder if folder.is_dir() else None
+from conftest import FSDD, needs_fsdd
 
 
-FSDD = _fsdd_dir()
-needs_fsdd = pytest.mark.skipif(FSDD is None, reason="FSDD not found: set CNNAPPS_DATA to the shared data folder")
 
 
 @pytest.fixture(autouse=True)

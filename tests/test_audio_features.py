@@ -9,22 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from cnnapps.data.root import DataNotFoundError, find_data_root
 from cnnapps.tasks.audio.data import fix_length, list_fsdd, read_audio
 from cnnapps.tasks.audio.features import (AudioFrontEnd, coloured_noise, fit_normalisation, frequency_warp,
                                           random_equalise, resample_through, speed_perturb)
 
-
-def _fsdd_dir() -> Path | None:
-    try:
-        folder = find_data_root() / "fsdd" / "recordings"
-    except DataNotFoundError:
-        return None
-    return folder if folder.is_dir() else None
+from conftest import FSDD, needs_fsdd
 
 
-FSDD = _fsdd_dir()
-needs_fsdd = pytest.mark.skipif(FSDD is None, reason="FSDD not found: set CNNAPPS_DATA to the shared data folder")
 
 
 @pytest.fixture(scope="module")

@@ -13,25 +13,17 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from cnnapps.data.root import DataNotFoundError, find_data_root
 from cnnapps.engine.config import ConfigError, load_config
 from cnnapps.tasks.audio.data import fix_length
 from cnnapps.tasks.audio.task import AudioConfig, AudioModel, AudioTask
 from cnnapps.tasks.base import DataSplits
 
+from conftest import FSDD, needs_fsdd
+
 CONFIGS = AudioTask.config_dir()
 
 
-def _data_root() -> Path | None:
-    try:
-        root = find_data_root()
-    except DataNotFoundError:
-        return None
-    return root if (root / "fsdd" / "recordings").is_dir() else None
-
-
-DATA = _data_root()
-needs_fsdd = pytest.mark.skipif(DATA is None, reason="FSDD not found: set CNNAPPS_DATA to the shared data folder")
+DATA = FSDD.parents[1] if FSDD is not None else None  # the data root that holds fsdd/recordings
 
 
 @pytest.fixture(autouse=True)

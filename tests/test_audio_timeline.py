@@ -14,7 +14,6 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from cnnapps.data.root import DataNotFoundError, find_data_root
 from cnnapps.engine.config import ConfigError, load_config
 from cnnapps.tasks.audio.bench import (build_recordings, edit_distance, match_events, score_timelines,
                                        write_recording)
@@ -25,19 +24,11 @@ from cnnapps.tasks.audio.timeline import (GateSettings, LevelTrack, Stretch, _si
                                           masked_window, speech_regions, window_offsets)
 from cnnapps.tasks.base import DataSplits
 
+from conftest import FSDD, needs_fsdd
+
 SR = 8000
 
 
-def _fsdd_dir() -> Path | None:
-    try:
-        folder = find_data_root() / "fsdd" / "recordings"
-    except DataNotFoundError:
-        return None
-    return folder if folder.is_dir() else None
-
-
-FSDD = _fsdd_dir()
-needs_fsdd = pytest.mark.skipif(FSDD is None, reason="FSDD not found: set CNNAPPS_DATA to the shared data folder")
 
 
 @pytest.fixture(autouse=True)
